@@ -1,0 +1,123 @@
+"""The agent's settings: one frozen dataclass that validates itself.
+
+Defaults live here as named constants so the CLI's ``--help``, the docs and
+the code agree.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .protocol import DEFAULT_MAX_LINE_BYTES
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 3000
+TOKEN_ENV = "PI_AGENT_TOKEN"
+
+# Timeouts (seconds)
+DEFAULT_HANDLER_TIMEOUT = 30.0
+DEFAULT_IMPORT_TIMEOUT = 10.0
+DEFAULT_SHUTDOWN_GRACE = 5.0
+# Limits
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_HANDLER_THREADS = 16
+DEFAULT_MAX_PIPELINED = 64  # requests in flight on one connection before it stops reading
+DEFAULT_IMPORT_MEMORY_MB = 512
+DEFAULT_KEEP_BACKUPS = 20
+# Probation after a deploy
+DEFAULT_PROBATION_SECONDS = 600.0
+DEFAULT_PROBATION_CALLS = 50
+DEFAULT_PROBATION_FAILURES = 5
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    root: Path
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    token: Optional[str] = None
+    insecure: bool = False
+    # Timeouts
+    handler_timeout: float = DEFAULT_HANDLER_TIMEOUT
+    import_timeout: float = DEFAULT_IMPORT_TIMEOUT
+    idle_timeout: Optional[float] = None  # off: controllers keep connections open
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    # Limits
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_pipelined: int = DEFAULT_MAX_PIPELINED
+    handler_threads: int = DEFAULT_HANDLER_THREADS
+    import_memory_mb: int = DEFAULT_IMPORT_MEMORY_MB
+    keep_backups: int = DEFAULT_KEEP_BACKUPS
+    # Probation
+    probation_seconds: float = DEFAULT_PROBATION_SECONDS
+    probation_calls: int = DEFAULT_PROBATION_CALLS
+    probation_failures: int = DEFAULT_PROBATION_FAILURES
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be between 0 and 65535, got {self.port}")
+        if self.token is not None and not self.token.strip():
+            raise ConfigError("the token is empty; put a secret in the token file or unset it")
+        for name in ("handler_timeout", "import_timeout", "shutdown_grace", "probation_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.idle_timeout is not None and self.idle_timeout <= 0:
+            raise ConfigError(f"idle_timeout must be positive or unset, got {self.idle_timeout}")
+        for name in (
+            "max_line_bytes", "max_connections", "max_pipelined", "handler_threads",
+            "import_memory_mb", "keep_backups", "probation_calls", "probation_failures",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.token is None and not self.insecure and not is_loopback(self.host):
+            raise ConfigError(
+                f"refusing to listen on {self.host} without a token: anyone on the network could "
+                f"push code. Set --token-file or {TOKEN_ENV}, or pass --insecure if you really mean it"
+            )
+
+    @property
+    def handlers_dir(self) -> Path:
+        return self.root / "handlers"
+
+    @property
+    def backups_dir(self) -> Path:
+        return self.root / ".backups"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / ".state"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(token_file: Optional[str], environ: Optional[dict] = None) -> Optional[str]:
+    """The token from ``--token-file`` (first line, stripped) or from the environment."""
+    environ = os.environ if environ is None else environ
+    if token_file:
+        try:
+            text = Path(token_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read token file {token_file}: {exc.strerror}") from None
+        token = text.strip().splitlines()[0].strip() if text.strip() else ""
+        if not token:
+            raise ConfigError(f"token file {token_file} is empty")
+        return token
+    token = environ.get(TOKEN_ENV)
+    return token if token else None

@@ -1,0 +1,93 @@
+"""Errors the agent turns into failed replies.
+
+Every class carries a stable ``code``, which becomes the JSON ``code`` field;
+the message becomes ``error`` and should be a sentence a person can act on.
+``details`` are extra reply fields (for example ``validation_details``).
+
+    AgentError
+    +-- BadRequest          bad_request       malformed or missing arguments
+    +-- InvalidJSON         invalid_json      the line is not UTF-8 JSON
+    +-- UnknownCommand      unknown_command
+    +-- Unauthorized        unauthorized      missing or wrong token
+    +-- TooLarge            too_large         request line over the limit
+    +-- NotFound            not_found         no such file, module or backup
+    +-- Busy                busy              a limit is reached; retry later
+    +-- Timeout             timeout           a call passed its time limit
+    +-- HandlerFailed       handler_error     a handler raised or misbehaved
+    +-- ValidationFailed    validation_failed pushed code failed a check
+    +-- ImportFailed        import_failed     pushed code failed its import test
+    +-- LoadFailed          load_failed       a module could not be loaded live
+    +-- InternalError       internal_error    a bug in the agent itself
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+
+class AgentError(Exception):
+    """Base class: a failure that is reported to the client, never raised past the server."""
+
+    code = "agent_error"
+
+    def __init__(self, message: str, *, details: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = dict(details or {})
+
+    def to_reply(self) -> Dict[str, Any]:
+        reply: Dict[str, Any] = {"success": False, "error": self.message, "code": self.code}
+        reply.update(self.details)
+        return reply
+
+
+class BadRequest(AgentError):
+    code = "bad_request"
+
+
+class InvalidJSON(AgentError):
+    code = "invalid_json"
+
+
+class UnknownCommand(AgentError):
+    code = "unknown_command"
+
+
+class Unauthorized(AgentError):
+    code = "unauthorized"
+
+
+class TooLarge(AgentError):
+    code = "too_large"
+
+
+class NotFound(AgentError):
+    code = "not_found"
+
+
+class Busy(AgentError):
+    code = "busy"
+
+
+class Timeout(AgentError):
+    code = "timeout"
+
+
+class HandlerFailed(AgentError):
+    code = "handler_error"
+
+
+class ValidationFailed(AgentError):
+    code = "validation_failed"
+
+
+class ImportFailed(AgentError):
+    code = "import_failed"
+
+
+class LoadFailed(AgentError):
+    code = "load_failed"
+
+
+class InternalError(AgentError):
+    code = "internal_error"

@@ -1,0 +1,216 @@
+"""The wire protocol, without any I/O: bytes in, requests out; replies in, bytes out.
+
+One UTF-8 JSON object per line, both ways. The agent's server and the fleet
+client both use this module, so the framing rules live in one place:
+
+- ``LineReader`` splits a byte stream into lines and enforces the line limit.
+  It only ever scans newly received bytes for the newline, so a 40 MiB line
+  costs one pass, not one pass per chunk (the system the seed documents
+  re-scanned its buffer and spent 34 s of CPU on such a line). Lines are
+  decoded only once they are whole, so a UTF-8 character split across two
+  chunks is never a problem.
+- ``parse_request`` turns one line into a ``Request`` or raises an
+  ``AgentError`` whose reply explains what was wrong.
+- ``encode_message`` turns a reply (or a request, on the client side) into one
+  line of bytes. It refuses NaN and infinities, which are not JSON and which
+  Node's ``JSON.parse`` rejects.
+
+Nothing here imports asyncio; it is tested with plain function calls.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Union
+
+from .errors import BadRequest, InvalidJSON, TooLarge
+
+# Limits
+DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
+
+RequestId = Union[str, int, float, None]
+
+_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_decode = json.JSONDecoder().decode
+
+
+class LineReader:
+    """Splits a byte stream into newline-terminated lines, with a size limit.
+
+    ``feed`` returns the complete lines found so far (without the ``\\n``,
+    without a trailing ``\\r``, blank lines dropped) and keeps the unfinished
+    tail. When a line grows past ``max_line_bytes``, ``overflowed`` becomes
+    true and the reader stops: the lines before it are still returned, but the
+    stream can no longer be framed reliably, so the caller answers
+    ``too_large`` and closes the connection.
+    """
+
+    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        if max_line_bytes <= 0:
+            raise ValueError("max_line_bytes must be positive")
+        self.max_line_bytes = max_line_bytes
+        self.overflowed = False
+        self._tail = bytearray()
+
+    @property
+    def pending_bytes(self) -> int:
+        """How many bytes of an unfinished line are buffered."""
+        return len(self._tail)
+
+    def feed(self, data: bytes) -> List[bytes]:
+        if self.overflowed:
+            return []
+        if b"\n" not in data:
+            self._tail += data
+            self._check_tail()
+            return []
+        pieces = data.split(b"\n")
+        if self._tail:
+            self._tail += pieces[0]
+            pieces[0] = bytes(self._tail)
+        self._tail = bytearray(pieces.pop())
+        lines = []
+        for line in pieces:
+            if len(line) > self.max_line_bytes:
+                self._overflow()
+                return lines
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if line.strip():
+                lines.append(line)
+        self._check_tail()
+        return lines
+
+    def too_large_error(self) -> TooLarge:
+        return TooLarge(
+            f"request line is larger than the agent's limit of {self.max_line_bytes} bytes; "
+            "the connection will be closed"
+        )
+
+    def _check_tail(self) -> None:
+        if len(self._tail) > self.max_line_bytes:
+            self._overflow()
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+        self._tail = bytearray()
+
+
+@dataclass(frozen=True)
+class Request:
+    """One parsed request. ``command`` is lower-cased: names match case-insensitively."""
+
+    command: str
+    args: Dict[str, Any] = field(repr=False)
+    id: RequestId = None
+    has_id: bool = False
+
+    @property
+    def token(self) -> Any:
+        return self.args.get("token")
+
+
+def request_id_of(line: bytes) -> tuple:
+    """Best effort: the ``id`` of a line that failed to parse as a request.
+
+    Returns ``(has_id, id)`` so a reply to a bad request can still be matched
+    by a client that sent an id.
+    """
+    try:
+        obj = _decode(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return False, None
+    if isinstance(obj, dict) and "id" in obj and _valid_id(obj["id"]):
+        return True, obj["id"]
+    return False, None
+
+
+def _valid_id(value: Any) -> bool:
+    return value is None or (isinstance(value, (str, int, float)) and not isinstance(value, bool))
+
+
+def parse_request(line: bytes) -> Request:
+    """Parse one request line; raise ``InvalidJSON`` or ``BadRequest`` with a useful message."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidJSON(
+            f"request is not valid UTF-8 (bad byte at position {exc.start}); send UTF-8 encoded JSON"
+        ) from None
+    try:
+        obj = _decode(text)
+    except ValueError as exc:
+        raise InvalidJSON(f"request is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadRequest(
+            f"a request must be a JSON object like {{\"command\": \"ping\"}}, got {_json_type(obj)}"
+        )
+    has_id = "id" in obj
+    request_id = obj.get("id")
+    if has_id and not _valid_id(request_id):
+        raise BadRequest(f"'id' must be a string or a number, got {_json_type(request_id)}")
+    command = obj.get("command")
+    if command is None:
+        raise BadRequest("request has no 'command' field; send {\"command\": \"<name>\", ...}")
+    if not isinstance(command, str) or not command:
+        raise BadRequest(f"'command' must be a non-empty string, got {_json_type(command)}")
+    return Request(command=command.lower(), args=obj, id=request_id, has_id=has_id)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def finish_reply(reply: Dict[str, Any], request_id: RequestId = None, has_id: bool = False) -> Dict[str, Any]:
+    """Add the fields every reply carries: ``success``, ``timestamp`` and the echoed ``id``."""
+    reply.setdefault("success", True)
+    reply.setdefault("timestamp", time.time())
+    if has_id:
+        reply["id"] = request_id
+    return reply
+
+
+def encode_message(message: Dict[str, Any]) -> bytes:
+    """One JSON object as one line of UTF-8 bytes. Raises ``ValueError``/``TypeError`` if not JSON."""
+    return (_encoder.encode(message) + "\n").encode("utf-8")
+
+
+def decode_message(line: bytes) -> Dict[str, Any]:
+    """Client side: one reply line to a dict. Raises ``ValueError`` if it is not a JSON object."""
+    obj = _decode(line.decode("utf-8"))
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {_json_type(obj)}")
+    return obj
+
+
+def error_line(error: Any, request_id: RequestId = None, has_id: bool = False) -> bytes:
+    """The encoded reply for an ``AgentError``."""
+    return encode_message(finish_reply(error.to_reply(), request_id, has_id))
+
+
+__all__ = [
+    "DEFAULT_MAX_LINE_BYTES",
+    "LineReader",
+    "Request",
+    "decode_message",
+    "encode_message",
+    "error_line",
+    "finish_reply",
+    "parse_request",
+    "request_id_of",
+]
+
