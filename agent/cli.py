@@ -1,0 +1,142 @@
+"""``pi-agent`` / ``python -m agent``: start one agent and serve until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from . import __version__
+from .app import Agent
+from .config import (
+    DEFAULT_HANDLER_THREADS,
+    DEFAULT_HANDLER_TIMEOUT,
+    DEFAULT_HOST,
+    DEFAULT_IMPORT_MEMORY_MB,
+    DEFAULT_IMPORT_TIMEOUT,
+    DEFAULT_KEEP_BACKUPS,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_PORT,
+    DEFAULT_PROBATION_CALLS,
+    DEFAULT_PROBATION_FAILURES,
+    DEFAULT_PROBATION_SECONDS,
+    TOKEN_ENV,
+    AgentConfig,
+    ConfigError,
+    read_token,
+)
+from .protocol import DEFAULT_MAX_LINE_BYTES
+
+log = logging.getLogger("agent")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pi-agent",
+        description=(
+            "Run the pi-agent: a TCP server (newline-delimited JSON) that runs commands from "
+            "hot-loaded handler modules in ROOT/handlers/ and accepts new handler code over the wire."
+        ),
+        epilog=(
+            f"The token is read from --token-file or the {TOKEN_ENV} environment variable. Without "
+            "one the agent listens on loopback only, unless --insecure is given. "
+            "Example: pi-agent --host 0.0.0.0 --port 3000 --root /var/lib/pi-agent --token-file /etc/pi-agent/token"
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"pi-agent {__version__}")
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    net.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port; 0 picks a free one (default {DEFAULT_PORT})")
+    net.add_argument("--root", default=os.environ.get("PI_AGENT_ROOT", str(Path.home() / "pi-agent")),
+                     help="folder for handlers/, .backups/ and the agent's state; created if missing "
+                          "(default $PI_AGENT_ROOT or ~/pi-agent)")
+    net.add_argument("--token-file", help="file whose first line is the shared secret every request must carry")
+    net.add_argument("--insecure", action="store_true",
+                     help="allow listening beyond loopback without a token (anyone who can connect can push code)")
+    timeouts = parser.add_argument_group("timeouts (seconds)")
+    timeouts.add_argument("--handler-timeout", type=float, default=DEFAULT_HANDLER_TIMEOUT,
+                          help=f"time limit of one handler call; a request's 'timeout' may lower it (default {DEFAULT_HANDLER_TIMEOUT:g})")
+    timeouts.add_argument("--import-timeout", type=float, default=DEFAULT_IMPORT_TIMEOUT,
+                          help=f"time limit of the isolated import test of pushed code (default {DEFAULT_IMPORT_TIMEOUT:g})")
+    timeouts.add_argument("--idle-timeout", type=float, default=None,
+                          help="close connections silent this long (default: off, controllers keep connections open)")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES,
+                        help=f"largest request line (default {DEFAULT_MAX_LINE_BYTES})")
+    limits.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help=f"connections open at once; more are refused politely (default {DEFAULT_MAX_CONNECTIONS})")
+    limits.add_argument("--handler-threads", type=int, default=DEFAULT_HANDLER_THREADS,
+                        help=f"threads for plain (non-async) handlers (default {DEFAULT_HANDLER_THREADS})")
+    limits.add_argument("--import-memory-mb", type=int, default=DEFAULT_IMPORT_MEMORY_MB,
+                        help=f"address-space limit of the import test process (default {DEFAULT_IMPORT_MEMORY_MB})")
+    limits.add_argument("--keep-backups", type=int, default=DEFAULT_KEEP_BACKUPS,
+                        help=f"backups kept per handler file (default {DEFAULT_KEEP_BACKUPS})")
+    probation = parser.add_argument_group("probation after a deploy")
+    probation.add_argument("--probation-seconds", type=float, default=DEFAULT_PROBATION_SECONDS,
+                           help=f"how long a new module is watched (default {DEFAULT_PROBATION_SECONDS:g})")
+    probation.add_argument("--probation-calls", type=int, default=DEFAULT_PROBATION_CALLS,
+                           help=f"or for how many calls (default {DEFAULT_PROBATION_CALLS})")
+    probation.add_argument("--probation-failures", type=int, default=DEFAULT_PROBATION_FAILURES,
+                           help=f"failed calls that trigger an automatic rollback (default {DEFAULT_PROBATION_FAILURES})")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging detail on stderr (default INFO)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    return AgentConfig(
+        root=Path(args.root).expanduser(),
+        host=args.host,
+        port=args.port,
+        token=read_token(args.token_file),
+        insecure=args.insecure,
+        handler_timeout=args.handler_timeout,
+        import_timeout=args.import_timeout,
+        idle_timeout=args.idle_timeout,
+        max_line_bytes=args.max_line_bytes,
+        max_connections=args.max_connections,
+        handler_threads=args.handler_threads,
+        import_memory_mb=args.import_memory_mb,
+        keep_backups=args.keep_backups,
+        probation_seconds=args.probation_seconds,
+        probation_calls=args.probation_calls,
+        probation_failures=args.probation_failures,
+    )
+
+
+async def serve(config: AgentConfig) -> None:
+    """Run an agent until SIGTERM or SIGINT, then shut it down cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    agent = Agent(config)
+    try:
+        host, port = await agent.start()
+        print(f"pi-agent {__version__} listening on {host}:{port} (root {config.root})", flush=True)
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await agent.close()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"pi-agent: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"pi-agent: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
