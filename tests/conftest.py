@@ -1,0 +1,180 @@
+"""Shared fixtures: real agents on 127.0.0.1 port 0 in tmp_path, real sockets.
+
+``start_agent`` runs an ``Agent`` in the test's own event loop (fast, and the
+test can look inside it); ``spawn_agent`` runs ``python -m agent`` as a child
+process, for what only a real process shows (signals, exit codes, kill -9).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pytest
+
+from agent.app import Agent
+from agent.config import AgentConfig
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SCRIPTED = Path(__file__).resolve().parent / "scripted_handlers"
+REPLY_TIMEOUT = 20.0  # a bound on every wait, so a broken agent fails a test instead of hanging it
+
+
+async def wait_until(predicate, timeout: float = REPLY_TIMEOUT, what: str = "condition") -> None:
+    """Wait for a condition the test cannot be told about directly (polls; bounded)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def scripted(name: str) -> str:
+    """The source of a scripted handler module from tests/scripted_handlers/."""
+    return (SCRIPTED / f"{name}.py").read_text()
+
+
+def fixture_text(name: str) -> str:
+    return (FIXTURES / name).read_text()
+
+
+class Client:
+    """A minimal line-JSON client over a real socket, independent of the agent's own protocol code."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, address, *, limit: int = 64 * 1024 * 1024) -> "Client":
+        reader, writer = await asyncio.open_connection(address[0], address[1], limit=limit)
+        return cls(reader, writer)
+
+    async def send(self, message: Dict[str, Any]) -> None:
+        self.writer.write(json.dumps(message).encode() + b"\n")
+        await self.writer.drain()
+
+    async def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def reply(self, timeout: float = REPLY_TIMEOUT) -> Dict[str, Any]:
+        line = await asyncio.wait_for(self.reader.readline(), timeout)
+        if not line:
+            raise ConnectionError("the agent closed the connection")
+        return json.loads(line)
+
+    async def call(self, command: str, reply_timeout: float = REPLY_TIMEOUT, **fields: Any) -> Dict[str, Any]:
+        await self.send({"command": command, **fields})
+        return await self.reply(reply_timeout)
+
+    async def closed_by_peer(self, timeout: float = REPLY_TIMEOUT) -> bool:
+        """True once the agent has closed the connection (EOF), reading away anything before it."""
+        while True:
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            if not data:
+                return True
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+@pytest.fixture
+async def start_agent(tmp_path):
+    """``await start_agent(handlers={"name": source}, **config)`` -> a started ``Agent``."""
+    agents: List[Agent] = []
+
+    async def _start(handlers: Optional[Dict[str, str]] = None, root: Optional[Path] = None, **options: Any) -> Agent:
+        folder = root or tmp_path / f"agent{len(agents)}"
+        (folder / "handlers").mkdir(parents=True, exist_ok=True)
+        for name, source in (handlers or {}).items():
+            (folder / "handlers" / f"{name}.py").write_text(source)
+        options.setdefault("port", 0)
+        agent = Agent(AgentConfig(root=folder, **options))
+        await agent.start()
+        agents.append(agent)
+        return agent
+
+    yield _start
+    for agent in agents:
+        await agent.close()
+
+
+@pytest.fixture
+async def connect():
+    """``await connect(agent_or_address)`` -> a ``Client``; every client is closed afterwards."""
+    clients: List[Client] = []
+
+    async def _connect(target: Any) -> Client:
+        address = target.address if isinstance(target, Agent) else target
+        client = await Client.connect(address)
+        clients.append(client)
+        return client
+
+    yield _connect
+    for client in clients:
+        await client.close()
+
+
+class AgentProcess:
+    """``python -m agent`` in a child process, started and read until it listens."""
+
+    def __init__(self, root: Path, *extra: str, env: Optional[Dict[str, str]] = None,
+                 python: str = sys.executable) -> None:
+        self.root = root
+        self.proc = subprocess.Popen(
+            [python, "-m", "agent", "--host", "127.0.0.1", "--port", "0", "--root", str(root), *extra],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.address = self._read_address()
+
+    def _read_address(self):
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # the agent prints this line once it accepts connections
+        if "listening on" not in line:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=10)
+            raise RuntimeError(f"agent did not start: {line!r} {err}")
+        host_port = line.split("listening on ", 1)[1].split()[0]
+        host, port = host_port.rsplit(":", 1)
+        return host, int(port)
+
+    def terminate(self, timeout: float = 20) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=10)
+
+
+@pytest.fixture
+def spawn_agent(tmp_path):
+    procs: List[AgentProcess] = []
+
+    def _spawn(*extra: str, root: Optional[Path] = None, **kwargs: Any) -> AgentProcess:
+        proc = AgentProcess(root or tmp_path / f"proc{len(procs)}", *extra, **kwargs)
+        procs.append(proc)
+        return proc
+
+    yield _spawn
+    for proc in procs:
+        proc.stop()

@@ -1,0 +1,2 @@
+def handle_shared(data):
+    return {"from": "b"}

@@ -1,0 +1,2 @@
+def handle_ping(data):
+    return {"message": "not the real ping"}
