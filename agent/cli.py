@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -25,6 +26,7 @@ from .config import (
     DEFAULT_PROBATION_CALLS,
     DEFAULT_PROBATION_FAILURES,
     DEFAULT_PROBATION_SECONDS,
+    DEFAULT_SHUTDOWN_GRACE,
     TOKEN_ENV,
     AgentConfig,
     ConfigError,
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"time limit of one handler call; a request's 'timeout' may lower it (default {DEFAULT_HANDLER_TIMEOUT:g})")
     timeouts.add_argument("--import-timeout", type=float, default=DEFAULT_IMPORT_TIMEOUT,
                           help=f"time limit of the isolated import test of pushed code (default {DEFAULT_IMPORT_TIMEOUT:g})")
+    timeouts.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE,
+                          help="on SIGTERM, how long running requests may take to finish before they are "
+                               f"refused (default {DEFAULT_SHUTDOWN_GRACE:g})")
     timeouts.add_argument("--idle-timeout", type=float, default=None,
                           help="close connections silent this long (default: off, controllers keep connections open)")
     limits = parser.add_argument_group("limits")
@@ -98,6 +103,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         handler_timeout=args.handler_timeout,
         import_timeout=args.import_timeout,
         idle_timeout=args.idle_timeout,
+        shutdown_grace=args.shutdown_grace,
         max_line_bytes=args.max_line_bytes,
         max_connections=args.max_connections,
         handler_threads=args.handler_threads,
@@ -139,4 +145,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:
         print(f"pi-agent: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    _exit_past_stuck_threads()
     return 0
+
+
+def _exit_past_stuck_threads() -> None:
+    """Python joins worker threads at exit; a handler stuck in one would keep the process alive.
+
+    Everything is closed by now, so exit without waiting for them (that is
+    the only way to stop a thread that will not return).
+    """
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if stuck:
+        log.warning("exiting with %d handler thread(s) still running: %s",
+                    len(stuck), ", ".join(t.name for t in stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

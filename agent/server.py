@@ -28,7 +28,20 @@ from .protocol import LineReader, error_line, parse_request, request_id_of
 
 log = logging.getLogger(__name__)
 
-_Pending = Union[bytes, "asyncio.Task[bytes]"]
+
+
+class _InFlight:
+    """A request still running, with what is needed to refuse it if the agent stops first."""
+
+    __slots__ = ("task", "request_id", "has_id")
+
+    def __init__(self, task: "asyncio.Task[bytes]", request_id: Any, has_id: bool) -> None:
+        self.task = task
+        self.request_id = request_id
+        self.has_id = has_id
+
+
+_Pending = Union[bytes, _InFlight]
 
 
 class ShuttingDown(AgentError):
@@ -81,7 +94,9 @@ class _Connection(asyncio.Protocol):
         self._arm_idle_timer()
         for line in self._reader.feed(data):
             if self._draining:
-                self._enqueue(error_line(ShuttingDown("the agent is shutting down; this request was not run")))
+                has_id, request_id = request_id_of(line)
+                refusal = ShuttingDown("the agent is shutting down; this request was not run")
+                self._enqueue(error_line(refusal, request_id, has_id))
             else:
                 self._handle_line(line)
         if self._reader.overflowed:
@@ -125,7 +140,7 @@ class _Connection(asyncio.Protocol):
         else:
             task = asyncio.ensure_future(outcome)
             task.add_done_callback(self._task_done)
-            self._enqueue(task)
+            self._enqueue(_InFlight(task, request.id, request.has_id))
 
     def _enqueue(self, item: _Pending) -> None:
         if not self._pending and isinstance(item, bytes) and self._transport is not None:
@@ -143,7 +158,7 @@ class _Connection(asyncio.Protocol):
             head = pending[0]
             if isinstance(head, bytes):
                 data = head
-            elif head.done():
+            elif head.task.done():
                 data = self._task_result(head)
             else:
                 break
@@ -157,13 +172,16 @@ class _Connection(asyncio.Protocol):
             self._resolve_flushed()
 
     @staticmethod
-    def _task_result(task: "asyncio.Task[bytes]") -> bytes:
+    def _task_result(item: _InFlight) -> bytes:
+        task = item.task
         if task.cancelled():
-            return error_line(ShuttingDown("the agent is shutting down; this request was cancelled"))
+            return error_line(ShuttingDown("the agent is shutting down; this request was cancelled"),
+                              item.request_id, item.has_id)
         exc = task.exception()
         if exc is not None:  # the dispatcher never raises; if it does, it is our bug
             log.error("request task failed", exc_info=exc)
-            return error_line(InternalError(f"internal error: {type(exc).__name__}: {exc}"))
+            return error_line(InternalError(f"internal error: {type(exc).__name__}: {exc}"),
+                              item.request_id, item.has_id)
         return task.result()
 
     def _update_reading(self) -> None:
@@ -211,14 +229,21 @@ class _Connection(asyncio.Protocol):
         if self.flushed is not None and not self.flushed.done():
             self.flushed.set_result(None)
 
-    def close(self, *, abort: bool) -> None:
-        """Close gracefully (buffered replies are still sent) or, with ``abort``, at once."""
+    def refuse_unfinished(self) -> None:
+        """At shutdown, after the grace period: answer what is done, refuse what is not, in order."""
         if self._transport is None or self._closed:
             return
-        if abort:
-            self._transport.abort()
-        else:
-            self._transport.close()
+        refusal = ShuttingDown("the agent is shutting down and this request did not finish in time; "
+                               "it may or may not have taken effect")
+        while self._pending:
+            item = self._pending.popleft()
+            if isinstance(item, bytes):
+                self._transport.write(item)
+            elif item.task.done():
+                self._transport.write(self._task_result(item))
+            else:
+                self._transport.write(error_line(refusal, item.request_id, item.has_id))
+        self._transport.close()
 
 
 class AgentServer:
@@ -264,7 +289,7 @@ class AgentServer:
             if not_done:
                 log.warning("%d connection(s) still had requests running after %.1f s; closing them",
                             len(not_done), grace)
-        for conn, flushed in draining.items():
-            conn.close(abort=not flushed.done())
+        for conn in draining:
+            conn.refuse_unfinished()
         if self._server is not None:
             await self._server.wait_closed()

@@ -132,11 +132,11 @@ class AgentProcess:
     """``python -m agent`` in a child process, started and read until it listens."""
 
     def __init__(self, root: Path, *extra: str, env: Optional[Dict[str, str]] = None,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, cwd: Path = REPO) -> None:
         self.root = root
         self.proc = subprocess.Popen(
             [python, "-m", "agent", "--host", "127.0.0.1", "--port", "0", "--root", str(root), *extra],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **(env or {})},
         )
         self.address = self._read_address()
