@@ -52,6 +52,7 @@ class Agent:
         self.started_at = time.time()
         self._started_monotonic = time.monotonic()
         self.address: Optional[Tuple[str, int]] = None
+        self._closed = False
         self.registry = Registry(BUILTIN_COMMANDS)
         self.dispatcher = Dispatcher(
             self.registry,
@@ -83,8 +84,8 @@ class Agent:
         d.add_builtin("update_handler", self.deployer.update_handler)
         d.add_builtin("rollback_handler", self.deployer.rollback_handler)
         d.add_builtin("delete_handler", self.deployer.delete_handler)
-        d.add_quick_builtin("list_backups", self.deployer.list_backups)
-        d.add_quick_builtin("update_log", self.deployer.update_log)
+        d.add_builtin("list_backups", self.deployer.list_backups)
+        d.add_builtin("update_log", self.deployer.update_log)
         missing = set(BUILTIN_COMMANDS) ^ set(d.builtin_names)
         assert not missing, f"built-in table out of step: {missing}"
 
@@ -102,6 +103,10 @@ class Agent:
         return self.address
 
     async def close(self) -> None:
+        """Stop serving and release everything; calling it again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         await self.server.close(self.config.shutdown_grace)
         await self.deployer.close()
         self.dispatcher.close()

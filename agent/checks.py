@@ -188,6 +188,7 @@ class _Scanner(ast.NodeVisitor):
     # Pass 1: what each name stands for
 
     def _collect_aliases(self, tree: ast.AST) -> None:
+        rebindings = []
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 for alias in node.names:
@@ -200,16 +201,18 @@ class _Scanner(ast.NodeVisitor):
                 for alias in node.names:
                     if alias.name != "*":
                         self.aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
-            elif isinstance(node, (ast.Expr,)) and isinstance(node.value, ast.Constant):
+            elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
                 self._docstrings.add(id(node.value))
-        # Simple re-bindings (``run = os.system``), to a fixed point.
+            elif (isinstance(node, ast.Assign) and len(node.targets) == 1
+                    and isinstance(node.targets[0], ast.Name)
+                    and isinstance(node.value, (ast.Name, ast.Attribute, ast.Call))):
+                rebindings.append(node)
+        # Simple re-bindings (``run = os.system``), to a fixed point (chains of up to three).
         for _ in range(3):
-            for node in ast.walk(tree):
-                if (isinstance(node, ast.Assign) and len(node.targets) == 1
-                        and isinstance(node.targets[0], ast.Name)):
-                    target = self.resolve(node.value)
-                    if target is not None and "." in target or target in BLOCKED_CALLS:
-                        self.aliases[node.targets[0].id] = target
+            for node in rebindings:
+                target = self.resolve(node.value)
+                if target is not None and ("." in target or target in BLOCKED_CALLS):
+                    self.aliases[node.targets[0].id] = target  # type: ignore[attr-defined]
 
     def resolve(self, node: ast.AST) -> Optional[str]:
         """The dotted name an expression refers to, as far as the aliases tell, else None."""

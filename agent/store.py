@@ -136,11 +136,15 @@ class HandlerStore:
         """Write a backup of ``data``; return its path relative to the root (as the seed shows it)."""
         stamp = time.strftime("%Y%m%d_%H%M%S")
         base = f"handlers_{name}.py_{stamp}"
-        candidate = self.backups_dir / f"{base}.backup"
-        n = 0
-        while candidate.exists():
-            n += 1
+        # Number past the highest suffix used in this second, never into a gap that
+        # pruning left: a reused name would sort as older than it is.
+        taken = [m for m in (_BACKUP_NAME.match(p.name) for p in self.backups_dir.glob(f"{base}*.backup"))
+                 if m is not None and m.group(2) == stamp]
+        if taken:
+            n = max(int(m.group(3) or 0) for m in taken) + 1
             candidate = self.backups_dir / f"{base}_{n}.backup"
+        else:
+            candidate = self.backups_dir / f"{base}.backup"
         atomic_write(candidate, data)
         self._prune(name)
         return f".backups/{candidate.name}"
