@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -35,6 +36,9 @@ from .config import (
 from .protocol import DEFAULT_MAX_LINE_BYTES
 
 log = logging.getLogger("agent")
+
+# Timeouts
+STUCK_THREAD_GRACE = 1.0  # seconds for idle worker threads to finish at exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +159,11 @@ def _exit_past_stuck_threads() -> None:
     Everything is closed by now, so exit without waiting for them (that is
     the only way to stop a thread that will not return).
     """
-    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    deadline = time.monotonic() + STUCK_THREAD_GRACE
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for thread in others:  # idle pool threads are still winding down; give them a moment
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in others if t.is_alive()]
     if stuck:
         log.warning("exiting with %d handler thread(s) still running: %s",
                     len(stuck), ", ".join(t.name for t in stuck))

@@ -1,0 +1,111 @@
+"""How long a safe deploy takes, beside the cost of starting a bare Python.
+
+Deploys the seed's camera handler (Step 1 of the user's document) to a real
+agent on loopback, again and again (each push differs by a trailing comment,
+so none is an ``unchanged`` no-op), and prints the median and p95 of the
+``update_handler`` round trip. In the same run it times ``python3 -c pass``
+and ``python3 -I -S -c pass``: an in-process import is roughly what the
+unsafe design cost, and starting a fresh interpreter per import test is what
+a naive safe design would cost.
+
+    python bench/deploy_latency.py [--deploys 60] [--starts 40]
+
+Target: median deploy <= 2 x one bare ``python3 -I -S -c pass``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List
+
+REPO = Path(__file__).resolve().parent.parent
+SEED_CAMERA = REPO / "tests" / "fixtures" / "seed_camera_step1.py"
+
+
+def percentile(values: List[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def time_command(command: List[str], runs: int) -> List[float]:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run(command, check=True)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+async def time_deploys(address, code: str, deploys: int) -> List[float]:
+    reader, writer = await asyncio.open_connection(*address, limit=16 * 1024 * 1024)
+    times = []
+    try:
+        for n in range(deploys + 2):  # two warm-up pushes: the first one starts the import helper
+            request = {"command": "update_handler", "filename": "camera_handlers.py",
+                       "code": f"{code}\n# push {n}\n", "probation": False}
+            started = time.perf_counter()
+            writer.write(json.dumps(request).encode() + b"\n")
+            await writer.drain()
+            reply = json.loads(await reader.readline())
+            elapsed = time.perf_counter() - started
+            if not reply.get("success") or reply.get("unchanged"):
+                raise RuntimeError(f"deploy failed: {reply}")
+            if n >= 2:
+                times.append(elapsed)
+    finally:
+        writer.close()
+    return times
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--deploys", type=int, default=60, help="timed deploys (default 60)")
+    parser.add_argument("--starts", type=int, default=40, help="timed interpreter starts of each kind (default 40)")
+    args = parser.parse_args(argv)
+    code = SEED_CAMERA.read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "--port", "0", "--root", str(Path(tmp) / "root"), "--log-level", "WARNING"],
+            cwd=REPO, stdout=subprocess.PIPE, text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            host, port = proc.stdout.readline().split("listening on ", 1)[1].split()[0].rsplit(":", 1)
+            # Interleave the three measurements in slices so machine noise hits all of them alike.
+            deploys: List[float] = []
+            plain: List[float] = []
+            isolated: List[float] = []
+            slices = 4
+            for _ in range(slices):
+                deploys += asyncio.run(time_deploys((host, int(port)), code, args.deploys // slices))
+                plain += time_command([sys.executable, "-c", "pass"], args.starts // slices)
+                isolated += time_command([sys.executable, "-I", "-S", "-c", "pass"], args.starts // slices)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+    bare = statistics.median(isolated)
+    print(f"deploy latency bench: seed camera handler ({len(code)} bytes), Python {sys.version.split()[0]}, "
+          f"{len(deploys)} deploys, {len(plain)} + {len(isolated)} interpreter starts")
+    print(f"{'measure':40} {'median ms':>10} {'p95 ms':>8} {'x bare -I -S':>13}")
+    for label, values in (
+        ("update_handler round trip", deploys),
+        ("python3 -c pass", plain),
+        ("python3 -I -S -c pass", isolated),
+    ):
+        median = statistics.median(values)
+        print(f"{label:40} {median * 1000:10.1f} {percentile(values, 0.95) * 1000:8.1f} {median / bare:13.2f}")
+    ratio = statistics.median(deploys) / bare
+    print(f"target: median deploy <= 2.00 x bare python3 -I -S: {ratio:.2f} -> {'met' if ratio <= 2 else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
