@@ -1,0 +1,292 @@
+"""``fleet``: roll handler code out to a fleet of pi-agents, and look after it.
+
+Exit codes: 0 all good, 1 some device failed or a rollout halted, 2 usage or
+configuration error. ``--json`` prints one machine-readable document on
+stdout instead of tables; progress lines go to stderr either way. Tokens are
+never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from . import tables
+from .errors import ConfigError
+from .fleet import DEFAULT_CONCURRENCY, Fleet
+from .inventory import Inventory, load_inventory
+from .results import DeviceResult, Status
+from .rollout import RolloutPlan, deploy, read_handler, short
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+REPO_DEVICES = Path(__file__).resolve().parent.parent / "devices.json"
+DEVICES_ENV = "FLEET_DEVICES"
+
+
+def default_devices() -> str:
+    """``$FLEET_DEVICES``, else ./devices.json, else the project's own (local agents on 127.0.0.1)."""
+    if os.environ.get(DEVICES_ENV):
+        return os.environ[DEVICES_ENV]
+    return "devices.json" if Path("devices.json").exists() else str(REPO_DEVICES)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Options shared by every subcommand, accepted before or after its name.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-d", "--devices", default=argparse.SUPPRESS,
+                        help=f"inventory file (default ${DEVICES_ENV}, ./devices.json, or the project's own)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print one JSON document instead of tables")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
+                        help="seconds to wait for each reply (default: the inventory's, 30)")
+    common.add_argument("--concurrency", type=int, default=argparse.SUPPRESS,
+                        help=f"requests in flight at once across the fleet (default {DEFAULT_CONCURRENCY})")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log connection details")
+
+    targets = argparse.ArgumentParser(add_help=False)
+    targets.add_argument("--only", default=None, metavar="ID,ID", help="only these device ids")
+    targets.add_argument("--tag", action="append", default=None, metavar="TAG",
+                         help="only devices with this tag (repeatable: any of them)")
+
+    parser = argparse.ArgumentParser(
+        prog="fleet", parents=[common],
+        description="Push handler code to a fleet of Raspberry Pis running pi-agent, in waves, with checks and rollback.",
+        epilog="Examples:\n"
+               "  fleet status\n"
+               "  fleet deploy handlers/camera_handlers.py --tag cams --canary 1 --batch 25% --verify camera_status\n"
+               "  fleet send raspi_main start_recording duration=30 filename=race.h264\n"
+               "  fleet rollback camera_handlers.py --only raspi_main\n"
+               "  fleet demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(devices=None, json=False, timeout=None, concurrency=DEFAULT_CONCURRENCY, verbose=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser("status", parents=[common, targets], help="per-device status table (versions, drift, uptime)")
+
+    p = sub.add_parser("deploy", parents=[common, targets], help="roll a handler file out in waves",
+                       description="Roll a handler file out: canary first, then batches; each wave is checked "
+                                   "(push ok, commands live, optional verify) before the next.")
+    p.add_argument("file", help="handler file, e.g. handlers/camera_handlers.py")
+    p.add_argument("--canary", type=int, default=1, help="devices in the first wave (default 1; 0 for none)")
+    p.add_argument("--batch", default="25%", help="devices per later wave: a number or a percentage (default 25%%)")
+    p.add_argument("--max-failures", default="0",
+                   help="failed devices tolerated over the whole rollout before it halts: number or %% (default 0)")
+    p.add_argument("--max-unreachable", default=None,
+                   help="unreachable devices tolerated before it halts: number or %% (default: no limit)")
+    p.add_argument("--verify", default=None, metavar="COMMAND", help="command that must succeed on each device after its push")
+    p.add_argument("--rollback-on-failure", action="store_true",
+                   help="when the rollout halts, put every device it changed back to its previous version")
+    p.add_argument("--dry-run", action="store_true", help="run every check on every device; change nothing")
+    p.add_argument("--no-probation", action="store_true",
+                   help="do not let agents roll the new code back by themselves if it keeps failing at first")
+
+    p = sub.add_parser("rollback", parents=[common, targets], help="roll a handler back to its previous version")
+    p.add_argument("file", help="handler file name, e.g. camera_handlers.py")
+    p.add_argument("--backup", default=None, help="restore this named backup (see `fleet backups`) instead of the newest")
+
+    p = sub.add_parser("send", parents=[common, targets], help="send one command to a device, or to all",
+                       description="Send one command. Arguments are key=value; values are parsed as JSON where "
+                                   "they parse (duration=30 is a number, filename=x.h264 a string).")
+    p.add_argument("device", help="a device id, or 'all' (narrow with --tag/--only)")
+    p.add_argument("name", metavar="COMMAND", help="command name, e.g. camera_status")
+    p.add_argument("args", nargs="*", metavar="KEY=VALUE")
+
+    sub.add_parser("commands", parents=[common, targets], help="the commands each device offers")
+    p = sub.add_parser("backups", parents=[common, targets], help="backups of a handler file on each device")
+    p.add_argument("file", help="handler file name, e.g. camera_handlers.py")
+    p = sub.add_parser("log", parents=[common, targets], help="recent deploys, rollbacks and deletes on each device")
+    p.add_argument("--limit", type=int, default=5, help="entries per device (default 5)")
+
+    p = sub.add_parser("demo", parents=[common], help="start local agents and roll the camera handler out to them")
+    p.add_argument("--agents", type=int, default=4, help="local agents to start (default 4, at least 3)")
+    return parser
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_pairs(pairs: Sequence[str]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"argument {pair!r} must be KEY=VALUE, e.g. duration=30")
+        out[key] = parse_value(value)
+    return out
+
+
+class Output:
+    """Where results go: progress to stderr as they arrive, then tables or one JSON document."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.done = 0
+
+    def progress(self, total: int) -> Callable[[DeviceResult], None]:
+        self.done = 0
+
+        def report(result: DeviceResult) -> None:
+            self.done += 1
+            print(tables.progress_line(result, min(self.done, total), total), file=sys.stderr, flush=True)
+
+        return report
+
+    def emit(self, document: Any, text: str) -> None:
+        if self.as_json:
+            json.dump(document, sys.stdout, indent=2, default=str)
+            sys.stdout.write("\n")
+        else:
+            print(text)
+
+
+def select(inventory: Inventory, args: argparse.Namespace) -> List[str]:
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if getattr(args, "only", None) else None
+    return [d.id for d in inventory.select(only, getattr(args, "tag", None))]
+
+
+def exit_code(results: Sequence[DeviceResult]) -> int:
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+async def cmd_status(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
+    statuses = await fleet.send_all({"command": "get_status"}, ids, timeout=args.timeout)
+    reachable = [i for i in ids if statuses[i].status is Status.OK]
+    logs = await fleet.send_all({"command": "update_log", "limit": 1}, reachable, timeout=args.timeout)
+    last = {i: ((logs[i].reply or {}).get("entries") or [None])[0] for i in reachable}
+    drift = tables.drifted({i: statuses[i] for i in reachable})
+    devices = [inventory.get(i) for i in ids]
+    document = {"devices": [
+        {"device": i, "address": inventory.get(i).address, "reachable": statuses[i].status is Status.OK,
+         "status": statuses[i].status.value, "error": statuses[i].error,
+         "agent": statuses[i].reply, "last_change": last.get(i), "drift": drift.get(i, [])}
+        for i in ids
+    ]}
+    out.emit(document, tables.status_table(devices, statuses, last))
+    return EXIT_OK if len(reachable) == len(ids) else EXIT_FAILED
+
+
+async def cmd_deploy(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
+    plan = RolloutPlan(canary=args.canary, batch=args.batch, max_failures=args.max_failures,
+                       max_unreachable=args.max_unreachable, verify=args.verify,
+                       rollback_on_failure=args.rollback_on_failure, dry_run=args.dry_run,
+                       probation=not args.no_probation, timeout=args.timeout)
+    filename, _ = read_handler(Path(args.file))
+    print(f"rolling out {filename} to {len(ids)} device(s): canary {plan.canary}, batch {plan.batch}, "
+          f"max failures {plan.max_failures}{', verify ' + plan.verify if plan.verify else ''}"
+          f"{', DRY RUN' if plan.dry_run else ''}", file=sys.stderr, flush=True)
+    report = await deploy(fleet, args.file, ids, plan, on_result=out.progress(len(ids)))
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(report.counts().items()))
+    summary = f"{report.filename} version {short(report.version)}: {counts} in {report.seconds:.1f}s"
+    if report.halted:
+        summary = f"HALTED: {report.halt_reason}\n{summary}"
+    out.emit(report.as_dict(), tables.rollout_table(list(report.results.values())) + "\n\n" + summary)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+async def cmd_rollback(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
+    command: Dict[str, Any] = {"command": "rollback_handler", "filename": args.file}
+    if args.backup:
+        command["backup"] = args.backup
+    results = await fleet.send_all(command, ids, timeout=args.timeout, on_result=out.progress(len(ids)))
+    ordered = [results[i] for i in ids]
+    out.emit({"results": [r.as_dict() for r in ordered]}, tables.reply_table(ordered))
+    return exit_code(ordered)
+
+
+async def cmd_send(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
+    command = {**parse_pairs(args.args), "command": args.name}
+    if args.device != "all":
+        inventory.get(args.device)
+        ids = [args.device]
+    results = await fleet.send_all(command, ids, timeout=args.timeout)
+    ordered = [results[i] for i in ids]
+    if len(ordered) == 1 and not out.as_json:
+        result = ordered[0]
+        print(json.dumps(result.reply, indent=2) if result.reply else f"{result.status.value}: {result.error}")
+    else:
+        out.emit({"results": [r.as_dict() for r in ordered]}, tables.reply_table(ordered))
+    return exit_code(ordered)
+
+
+async def cmd_commands(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
+    results = await fleet.send_all({"command": "list_commands"}, ids, timeout=args.timeout)
+    ordered = [results[i] for i in ids]
+    out.emit({"results": [r.as_dict() for r in ordered]},
+             tables.reply_table(ordered, lambda reply: ", ".join(sorted(reply.get("handlers", {}))) or "(built-ins only)"))
+    return exit_code(ordered)
+
+
+async def cmd_backups(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
+    results = await fleet.send_all({"command": "list_backups", "filename": args.file}, ids, timeout=args.timeout)
+    ordered = [results[i] for i in ids]
+
+    def summary(reply: Dict[str, Any]) -> str:
+        backups = reply.get("backups", [])
+        return "; ".join(f"{b['backup']} ({short(b.get('sha256'))})" for b in backups[:3]) + \
+            (f"; +{len(backups) - 3} more" if len(backups) > 3 else "") if backups else "(none)"
+
+    out.emit({"results": [r.as_dict() for r in ordered]}, tables.reply_table(ordered, summary))
+    return exit_code(ordered)
+
+
+async def cmd_log(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
+    if args.limit < 1:
+        raise ConfigError("--limit must be at least 1")
+    results = await fleet.send_all({"command": "update_log", "limit": args.limit}, ids, timeout=args.timeout)
+    ordered = [results[i] for i in ids]
+
+    def summary(reply: Dict[str, Any]) -> str:
+        return "; ".join(f"{e.get('action')} {e.get('file')} {short(e.get('version'))} {tables.ago(e.get('time'))}"
+                         for e in reply.get("entries", [])) or "(no changes yet)"
+
+    out.emit({"results": [r.as_dict() for r in ordered]}, tables.reply_table(ordered, summary))
+    return exit_code(ordered)
+
+
+COMMANDS = {
+    "status": cmd_status, "deploy": cmd_deploy, "rollback": cmd_rollback, "send": cmd_send,
+    "commands": cmd_commands, "backups": cmd_backups, "log": cmd_log,
+}
+
+
+async def run(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return await run_demo(agents=args.agents)
+    inventory = load_inventory(Path(args.devices or default_devices()))
+    if args.timeout is not None and args.timeout <= 0:
+        raise ConfigError("--timeout must be a positive number of seconds")
+    if args.concurrency < 1:
+        raise ConfigError("--concurrency must be at least 1")
+    ids = select(inventory, args)
+    fleet = Fleet.from_inventory(inventory, concurrency=args.concurrency)
+    try:
+        return await COMMANDS[args.command](fleet, inventory, ids, args, Output(args.json))
+    finally:
+        await fleet.close()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(run(args))
+    except ConfigError as exc:
+        print(f"fleet: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fleet: interrupted", file=sys.stderr)
+        return 130

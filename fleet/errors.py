@@ -1,0 +1,60 @@
+"""Errors of the fleet controller.
+
+Keep *the device said no* apart from *we could not reach it*: the first is a
+reply (``RemoteError`` carries the agent's ``code``), the second is about the
+network (``DeviceUnreachable``, ``CommandTimeout``). Fan-out never raises
+these for a single device; it turns them into per-device results.
+
+    FleetError
+    +-- ConfigError          a bad devices.json or option (CLI exit code 2)
+    +-- UnknownDevice        a device id that is not in the inventory
+    +-- DeviceError          something about one device
+        +-- DeviceUnreachable    could not connect, or the connection dropped
+        +-- CommandTimeout       no reply within the time limit
+        +-- ProtocolError        the device answered something that is not our protocol
+        +-- RemoteError          the agent answered success: false (code, message)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+
+class FleetError(Exception):
+    code = "fleet_error"
+
+
+class ConfigError(FleetError):
+    code = "config_error"
+
+
+class UnknownDevice(FleetError):
+    code = "unknown_device"
+
+
+class DeviceError(FleetError):
+    def __init__(self, device_id: str, message: str) -> None:
+        super().__init__(f"{device_id}: {message}")
+        self.device_id = device_id
+        self.message = message
+
+
+class DeviceUnreachable(DeviceError):
+    code = "unreachable"
+
+
+class CommandTimeout(DeviceError):
+    code = "timeout"
+
+
+class ProtocolError(DeviceError):
+    code = "protocol_error"
+
+
+class RemoteError(DeviceError):
+    """The agent answered, and said no."""
+
+    def __init__(self, device_id: str, code: str, message: str, reply: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__(device_id, f"[{code}] {message}")
+        self.code = code
+        self.reply = reply or {}

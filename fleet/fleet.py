@@ -1,0 +1,176 @@
+"""``Fleet``: the controller's view of many agents, mirroring the seed's ``HW_RASPI_MULTI``.
+
+    seed (Node.js)                         here
+    addRaspberryPi(config)                 fleet.add_device(device)
+    connectToRaspberryPi(id)               await fleet.connect(id)  /  await fleet.connect()
+    sendCommandToRaspberryPi(id, cmd)      await fleet.send(id, cmd) -> the device's reply
+    sendCommandToAllRaspberryPis(cmd)      await fleet.send_all(cmd, targets) -> {id: DeviceResult}
+    getConnectionStatus()                  fleet.connection_status()
+
+Unlike the original, ``send`` returns the reply (matched by ``id``), every
+call has a time limit, and ``send_all`` never raises for one device: an
+unreachable, slow or misbehaving device is a ``DeviceResult`` with status
+``UNREACHABLE``, ``TIMEOUT`` or ``FAILED`` beside everyone else's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Sequence
+
+from .connection import DeviceConnection, MessageCallback
+from .errors import CommandTimeout, DeviceError, DeviceUnreachable, ProtocolError, UnknownDevice
+from .inventory import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, Device, Inventory
+from .results import DeviceResult, Status
+
+# Limits
+DEFAULT_CONCURRENCY = 64  # requests in flight across the fleet
+
+ResultCallback = Callable[[DeviceResult], None]
+
+
+class Fleet:
+    def __init__(
+        self,
+        devices: Iterable[Device] = (),
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        request_timeout: float = DEFAULT_TIMEOUT,
+        keepalive: bool = False,
+        on_message: Optional[MessageCallback] = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.concurrency = concurrency
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.keepalive = keepalive
+        self.on_message = on_message
+        self._connections: Dict[str, DeviceConnection] = {}
+        self._limit: Optional[asyncio.Semaphore] = None
+        for device in devices:
+            self.add_device(device)
+
+    @classmethod
+    def from_inventory(cls, inventory: Inventory, **options: Any) -> "Fleet":
+        options.setdefault("connect_timeout", inventory.connect_timeout)
+        options.setdefault("request_timeout", inventory.timeout)
+        return cls(inventory.devices, **options)
+
+    # HW_RASPI_MULTI's five functions
+
+    def add_device(self, device: Device) -> None:
+        if device.id in self._connections:
+            raise ValueError(f"device {device.id!r} is already in the fleet")
+        self._connections[device.id] = DeviceConnection(
+            device,
+            connect_timeout=self.connect_timeout,
+            request_timeout=self.request_timeout,
+            keepalive=self.keepalive,
+            on_message=self.on_message,
+        )
+
+    async def connect(self, device_id: Optional[str] = None) -> Dict[str, DeviceResult]:
+        """Connect one device, or all; returns a result per device (OK or UNREACHABLE)."""
+        targets = [device_id] if device_id is not None else list(self._connections)
+        return await self._fan_out(targets, lambda conn: conn.connect())
+
+    async def send(self, device_id: str, command: Dict[str, Any], *, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """The device's reply. Raises ``DeviceUnreachable``/``CommandTimeout`` (a refusal is a reply)."""
+        return await self._connection(device_id).request(command, timeout)
+
+    async def send_all(
+        self,
+        command: Dict[str, Any],
+        targets: Optional[Sequence[str]] = None,
+        *,
+        timeout: Optional[float] = None,
+        on_result: Optional[ResultCallback] = None,
+    ) -> Dict[str, DeviceResult]:
+        """Send to many devices at once (bounded concurrency); one ``DeviceResult`` per device."""
+        ids = list(targets) if targets is not None else list(self._connections)
+        return await self._fan_out(ids, lambda conn: conn.request(command, timeout), on_result)
+
+    def connection_status(self) -> Dict[str, Dict[str, Any]]:
+        return {device_id: conn.status() for device_id, conn in self._connections.items()}
+
+    # More
+
+    @property
+    def devices(self) -> List[Device]:
+        return [conn.device for conn in self._connections.values()]
+
+    def device(self, device_id: str) -> Device:
+        return self._connection(device_id).device
+
+    async def close(self) -> None:
+        await asyncio.gather(*(conn.close() for conn in self._connections.values()))
+
+    async def __aenter__(self) -> "Fleet":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    def _connection(self, device_id: str) -> DeviceConnection:
+        try:
+            return self._connections[device_id]
+        except KeyError:
+            raise UnknownDevice(f"no device {device_id!r} in the fleet") from None
+
+    async def run_each(
+        self,
+        targets: Sequence[str],
+        work: Callable[[str], Awaitable[DeviceResult]],
+        on_result: Optional[ResultCallback] = None,
+    ) -> Dict[str, DeviceResult]:
+        """Run ``work(device_id)`` for each target with bounded concurrency; report as each finishes."""
+        for device_id in targets:
+            self._connection(device_id)
+        if self._limit is None:
+            self._limit = asyncio.Semaphore(self.concurrency)
+        limit = self._limit
+
+        async def one(device_id: str) -> DeviceResult:
+            async with limit:
+                result = await work(device_id)
+            if on_result is not None:
+                on_result(result)
+            return result
+
+        results = await asyncio.gather(*(one(device_id) for device_id in targets))
+        return {r.device_id: r for r in results}
+
+    async def _fan_out(
+        self,
+        targets: Sequence[str],
+        action: Callable[[DeviceConnection], Awaitable[Any]],
+        on_result: Optional[ResultCallback] = None,
+    ) -> Dict[str, DeviceResult]:
+        async def work(device_id: str) -> DeviceResult:
+            started = time.perf_counter()
+            outcome = await attempt(action(self._connections[device_id]), device_id)
+            outcome.seconds = time.perf_counter() - started
+            return outcome
+
+        return await self.run_each(targets, work, on_result)
+
+
+async def attempt(awaitable: Awaitable[Any], device_id: str) -> DeviceResult:
+    """Await one device operation and classify how it ended. Never raises for device trouble."""
+    try:
+        reply = await awaitable
+    except CommandTimeout as exc:
+        return DeviceResult(device_id, Status.TIMEOUT, error=exc.message, code="timeout")
+    except DeviceUnreachable as exc:
+        return DeviceResult(device_id, Status.UNREACHABLE, error=exc.message, code="unreachable")
+    except (ProtocolError, DeviceError) as exc:
+        return DeviceResult(device_id, Status.FAILED, error=exc.message, code=exc.code)
+    if not isinstance(reply, dict):  # connect() returns None
+        return DeviceResult(device_id, Status.OK)
+    if reply.get("success") is False:
+        return DeviceResult(device_id, Status.FAILED, reply=reply, error=str(reply.get("error")),
+                            code=reply.get("code"))
+    return DeviceResult(device_id, Status.OK, reply=reply)

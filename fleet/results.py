@@ -1,0 +1,62 @@
+"""Per-device results: what every fan-out returns instead of raising.
+
+A table, a JSON document and an exit code are all pure functions of a list
+of ``DeviceResult``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+class Status(str, enum.Enum):
+    OK = "OK"
+    FAILED = "FAILED"  # the device answered success: false, or the rollout's checks failed
+    TIMEOUT = "TIMEOUT"  # no reply in time
+    UNREACHABLE = "UNREACHABLE"  # could not connect, or the connection dropped
+    SKIPPED = "SKIPPED"  # not attempted: already up to date, or the rollout halted first
+    ROLLED_BACK = "ROLLED_BACK"  # changed by this rollout, then put back
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class DeviceResult:
+    device_id: str
+    status: Status
+    reply: Optional[Dict[str, Any]] = None
+    error: Optional[str] = None
+    code: Optional[str] = None
+    seconds: float = 0.0
+    # Deploy details (empty for plain commands)
+    old_version: Optional[str] = None
+    new_version: Optional[str] = None
+    commands: List[str] = field(default_factory=list)
+    validation_errors: List[str] = field(default_factory=list)
+    validation_warnings: List[str] = field(default_factory=list)
+    note: str = ""
+    changed: bool = False  # this rollout changed the device (so rollback applies)
+    backup: Optional[str] = None  # the backup our push created on the device
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (Status.OK, Status.SKIPPED)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "device": self.device_id,
+            "status": self.status.value,
+            "error": self.error,
+            "code": self.code,
+            "seconds": round(self.seconds, 4),
+            "old_version": self.old_version,
+            "new_version": self.new_version,
+            "commands": self.commands,
+            "validation_errors": self.validation_errors,
+            "validation_warnings": self.validation_warnings,
+            "note": self.note,
+            "reply": self.reply,
+        }

@@ -1,0 +1,299 @@
+"""Rolling a handler out to many devices in waves.
+
+    preflight   get_status from every target: offline devices are reported
+                (not waited for), devices already on this version are skipped
+    canary      the first wave (default 1 device)
+    batches     the rest, in waves of a size or a percentage
+    each wave   push (with sha256, so a corrupted transfer is refused), then
+                check the commands are live, then the optional verify command
+    halt        when failures pass ``max_failures`` (counted over the whole
+                rollout, not per wave) or unreachable devices pass
+                ``max_unreachable``; the devices not yet reached are SKIPPED
+    rollback    with ``rollback_on_failure``, every device this rollout
+                changed is put back to exactly what it ran before (the backup
+                that this rollout's own push created on it)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from .errors import ConfigError
+from .fleet import Fleet, ResultCallback, attempt
+from .results import DeviceResult, Status
+
+_AMOUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%?)\s*$")
+_FILENAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*\.py$")
+
+
+@dataclass(frozen=True)
+class Amount:
+    """A count (``10``) or a share of the targeted devices (``"25%"``)."""
+
+    value: float
+    percent: bool = False
+
+    @classmethod
+    def parse(cls, raw: Union[str, int, "Amount"], what: str) -> "Amount":
+        if isinstance(raw, Amount):
+            return raw
+        if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+            return cls(float(raw))
+        match = _AMOUNT.match(str(raw))
+        if match is None or (match.group(2) and float(match.group(1)) > 100):
+            raise ConfigError(f"{what} must be a whole number like 10 or a percentage like 25%, got {raw!r}")
+        if not match.group(2) and float(match.group(1)) != int(float(match.group(1))):
+            raise ConfigError(f"{what} must be a whole number of devices, got {raw!r}")
+        return cls(float(match.group(1)), bool(match.group(2)))
+
+    def of(self, total: int) -> int:
+        return int(math.floor(total * self.value / 100)) if self.percent else int(self.value)
+
+    def __str__(self) -> str:
+        return f"{self.value:g}%" if self.percent else f"{int(self.value)}"
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    canary: int = 1
+    batch: Amount = Amount(25, percent=True)
+    max_failures: Amount = Amount(0)
+    max_unreachable: Optional[Amount] = None  # None: offline devices never halt the rollout
+    verify: Optional[str] = None
+    verify_args: Dict[str, Any] = field(default_factory=dict)
+    rollback_on_failure: bool = False
+    dry_run: bool = False
+    probation: bool = True
+    timeout: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.canary, bool) or not isinstance(self.canary, int) or self.canary < 0:
+            raise ConfigError(f"canary must be a whole number of devices (0 for none), got {self.canary!r}")
+        object.__setattr__(self, "batch", Amount.parse(self.batch, "batch"))
+        object.__setattr__(self, "max_failures", Amount.parse(self.max_failures, "max-failures"))
+        if self.max_unreachable is not None:
+            object.__setattr__(self, "max_unreachable", Amount.parse(self.max_unreachable, "max-unreachable"))
+        if self.batch.value <= 0:
+            raise ConfigError("batch must be at least 1 device or more than 0%")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError("timeout must be a positive number of seconds")
+
+
+@dataclass
+class RolloutReport:
+    filename: str
+    version: str
+    results: Dict[str, DeviceResult]
+    waves: List[List[str]]
+    halted: bool = False
+    halt_reason: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.halted and all(r.ok for r in self.results.values())
+
+    def counts(self) -> Dict[str, int]:
+        counts: Dict[str, int] = {}
+        for result in self.results.values():
+            counts[result.status.value] = counts.get(result.status.value, 0) + 1
+        return counts
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "file": self.filename,
+            "version": self.version,
+            "ok": self.ok,
+            "halted": self.halted,
+            "halt_reason": self.halt_reason,
+            "counts": self.counts(),
+            "waves": self.waves,
+            "seconds": round(self.seconds, 3),
+            "devices": [r.as_dict() for r in self.results.values()],
+        }
+
+
+def read_handler(path: Path) -> tuple:
+    """``(filename, code)`` of a handler file, checked before anything is sent."""
+    if not _FILENAME.match(path.name):
+        raise ConfigError(f"{path}: a handler file must be named NAME.py with NAME a Python identifier")
+    try:
+        return path.name, path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+
+
+def short(version: Optional[str]) -> str:
+    return version[:8] if version else "-"
+
+
+class Rollout:
+    """One rollout of one handler file to a set of devices. Use ``await Rollout(...).run()``."""
+
+    def __init__(self, fleet: Fleet, filename: str, code: str, targets: Sequence[str], plan: RolloutPlan,
+                 on_result: Optional[ResultCallback] = None) -> None:
+        self.fleet = fleet
+        self.filename = filename
+        self.code = code
+        self.version = hashlib.sha256(code.encode("utf-8")).hexdigest()
+        self.targets = list(targets)
+        self.plan = plan
+        self.on_result = on_result
+        self.results: Dict[str, DeviceResult] = {}
+        self.old_versions: Dict[str, Optional[str]] = {}
+
+    async def run(self) -> RolloutReport:
+        started = time.perf_counter()
+        candidates = await self._preflight()
+        waves = self._waves(candidates)
+        report = RolloutReport(self.filename, self.version, self.results, waves)
+        halted_at = None
+        for index, wave in enumerate(waves):
+            await self.fleet.run_each(wave, self._push, self._finish)
+            reason = self._over_limits()
+            if reason:
+                halted_at = index
+                report.halted, report.halt_reason = True, reason
+                break
+        if halted_at is not None:
+            for wave in waves[halted_at + 1:]:
+                for device_id in wave:
+                    self._finish(DeviceResult(device_id, Status.SKIPPED, old_version=self.old_versions.get(device_id),
+                                              note=f"not attempted: rollout halted ({report.halt_reason})"))
+            if self.plan.rollback_on_failure and not self.plan.dry_run:
+                await self._roll_back()
+        report.results = {d: self.results[d] for d in self.targets}
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _finish(self, result: DeviceResult) -> None:
+        self.results[result.device_id] = result
+        if self.on_result is not None:
+            self.on_result(result)
+
+    async def _preflight(self) -> List[str]:
+        statuses = await self.fleet.send_all({"command": "get_status"}, self.targets, timeout=self.plan.timeout)
+        candidates = []
+        for device_id in self.targets:
+            status = statuses[device_id]
+            if status.status is not Status.OK:
+                status.note = "offline at start: not attempted" if status.status is Status.UNREACHABLE \
+                    else "preflight get_status failed: not attempted"
+                self._finish(status)
+                continue
+            modules = {m.get("file"): m for m in (status.reply or {}).get("modules", [])}
+            old = modules.get(self.filename, {}).get("sha256")
+            self.old_versions[device_id] = old
+            if old == self.version:
+                self._finish(DeviceResult(device_id, Status.SKIPPED, old_version=old, new_version=old,
+                                          commands=list(modules[self.filename].get("commands", [])),
+                                          note="already at this version"))
+            else:
+                candidates.append(device_id)
+        return candidates
+
+    def _waves(self, candidates: List[str]) -> List[List[str]]:
+        canary = candidates[:self.plan.canary]
+        rest = candidates[self.plan.canary:]
+        size = max(1, self.plan.batch.of(len(self.targets)))
+        waves = [canary] if canary else []
+        waves += [rest[i:i + size] for i in range(0, len(rest), size)]
+        return waves
+
+    def _over_limits(self) -> str:
+        total = len(self.targets)
+        failures = sum(r.status in (Status.FAILED, Status.TIMEOUT) for r in self.results.values())
+        unreachable = sum(r.status is Status.UNREACHABLE for r in self.results.values())
+        allowed = self.plan.max_failures.of(total)
+        if failures > allowed:
+            return f"{failures} device(s) failed, more than max-failures {self.plan.max_failures} allows ({allowed})"
+        if self.plan.max_unreachable is not None:
+            allowed = self.plan.max_unreachable.of(total)
+            if unreachable > allowed:
+                return (f"{unreachable} device(s) unreachable, more than max-unreachable "
+                        f"{self.plan.max_unreachable} allows ({allowed})")
+        return ""
+
+    async def _push(self, device_id: str) -> DeviceResult:
+        started = time.perf_counter()
+        old = self.old_versions.get(device_id)
+        request = {"command": "update_handler", "filename": self.filename, "code": self.code,
+                   "sha256": self.version, "dry_run": self.plan.dry_run, "probation": self.plan.probation}
+        result = await attempt(self.fleet.send(device_id, request, timeout=self.plan.timeout), device_id)
+        result.old_version = old
+        reply = result.reply or {}
+        details = reply.get("validation_details") or reply.get("validation") or {}
+        result.validation_errors = list(details.get("errors") or [])
+        result.validation_warnings = list(details.get("warnings") or [])
+        if result.status is Status.OK:
+            result.new_version = reply.get("version")
+            result.commands = list((reply.get("reload") or {}).get("commands") or [])
+            result.changed = not reply.get("unchanged") and not reply.get("dry_run")
+            result.backup = reply.get("backup_created")
+            result.note = "dry run: passed every check" if reply.get("dry_run") else \
+                ("already at this version" if reply.get("unchanged") else "deployed")
+            if not self.plan.dry_run:
+                await self._check_live(device_id, result)
+        elif result.status is Status.FAILED and reply.get("rolled_back"):
+            result.note = "refused at load; the device put the previous version back"
+        result.seconds = time.perf_counter() - started
+        return result
+
+    async def _check_live(self, device_id: str, result: DeviceResult) -> None:
+        """The wave check: the pushed commands are in the device's table, and verify passes."""
+        listed = await attempt(self.fleet.send(device_id, {"command": "list_commands"}, timeout=self.plan.timeout),
+                               device_id)
+        if listed.status is not Status.OK:
+            result.status, result.error, result.code = listed.status, f"after the push, list_commands: {listed.error}", listed.code
+            return
+        live = set((listed.reply or {}).get("commands", []))
+        missing = [c for c in result.commands if c not in live]
+        if missing:
+            result.status, result.code = Status.FAILED, "commands_missing"
+            result.error = f"pushed, but these commands are not live: {', '.join(missing)}"
+            return
+        if self.plan.verify:
+            check = await attempt(self.fleet.send(device_id, {"command": self.plan.verify, **self.plan.verify_args},
+                                                  timeout=self.plan.timeout), device_id)
+            if check.status is not Status.OK:
+                result.status, result.code = check.status, check.code or "verify_failed"
+                result.error = f"verify {self.plan.verify} failed: {check.error}"
+                return
+            result.note += f", verify {self.plan.verify} ok"
+
+    async def _roll_back(self) -> None:
+        changed = [d for d, r in self.results.items() if r.changed]
+
+        async def undo(device_id: str) -> DeviceResult:
+            result = self.results[device_id]
+            if result.old_version is None:
+                command: Dict[str, Any] = {"command": "delete_handler", "filename": self.filename, "backup": True}
+            else:
+                command = {"command": "rollback_handler", "filename": self.filename, "backup": result.backup}
+            undone = await attempt(self.fleet.send(device_id, command, timeout=self.plan.timeout), device_id)
+            if undone.status is Status.OK:
+                result.status = Status.ROLLED_BACK
+                result.note = (f"rolled back to {short(result.old_version)}" if result.old_version
+                               else "rolled back: the new file was removed")
+                result.new_version = result.old_version
+            else:
+                result.note = f"rollback failed: {undone.error}"
+            return result
+
+        await self.fleet.run_each(changed, undo, self._finish)
+
+
+async def deploy(fleet: Fleet, path: Union[str, Path], targets: Optional[Sequence[str]] = None,
+                 plan: Optional[RolloutPlan] = None, on_result: Optional[ResultCallback] = None) -> RolloutReport:
+    """Roll the handler file at ``path`` out to ``targets`` (default: the whole fleet)."""
+    filename, code = read_handler(Path(path))
+    ids = list(targets) if targets is not None else [d.id for d in fleet.devices]
+    return await Rollout(fleet, filename, code, ids, plan or RolloutPlan(), on_result).run()

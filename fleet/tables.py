@@ -1,0 +1,144 @@
+"""Tables for people: pure functions from results to text (tabulate).
+
+Nothing here talks to a device; every function takes results and returns a
+string, so the CLI's ``--json`` and its tables come from the same data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any, Dict, List, Optional, Sequence
+
+from tabulate import tabulate
+
+from .inventory import Device
+from .results import DeviceResult, Status
+
+DRIFT_MARK = "*"
+
+
+def short(version: Optional[str]) -> str:
+    return version[:8] if version else "-"
+
+
+def duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def ago(timestamp: Optional[float], now: Optional[float] = None) -> str:
+    if not timestamp:
+        return "-"
+    return duration((now or time.time()) - timestamp) + " ago"
+
+
+def majority_versions(statuses: Dict[str, DeviceResult]) -> Dict[str, str]:
+    """For each handler file, the version most devices run (ties: the one seen first)."""
+    seen: Dict[str, Counter] = {}
+    for result in statuses.values():
+        for module in (result.reply or {}).get("modules", []):
+            seen.setdefault(module["file"], Counter())[module["sha256"]] += 1
+    return {file: counter.most_common(1)[0][0] for file, counter in seen.items()}
+
+
+def drifted(statuses: Dict[str, DeviceResult]) -> Dict[str, List[str]]:
+    """``{device_id: [files whose version differs from the fleet's majority]}``."""
+    majority = majority_versions(statuses)
+    out: Dict[str, List[str]] = {}
+    for device_id, result in statuses.items():
+        for module in (result.reply or {}).get("modules", []):
+            if majority.get(module["file"]) != module["sha256"]:
+                out.setdefault(device_id, []).append(module["file"])
+    return out
+
+
+def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
+                 last_changes: Dict[str, Optional[Dict[str, Any]]]) -> str:
+    majority = majority_versions(statuses)
+    files = sorted(set(majority) | {f["file"] for r in statuses.values() for f in (r.reply or {}).get("failed_modules", [])})
+    headers = ["device", "name", "address", "reachable", "agent", "uptime", *files, "commands", "last change"]
+    rows = []
+    any_drift = False
+    for device in devices:
+        result = statuses.get(device.id)
+        reply = (result.reply or {}) if result else {}
+        if result is None or result.status is not Status.OK:
+            reason = result.status.value.lower() if result else "unknown"
+            rows.append([device.id, device.label, device.address, f"no ({reason})", "-", "-",
+                         *["-" for _ in files], "-", "-"])
+            continue
+        modules = {m["file"]: m["sha256"] for m in reply.get("modules", [])}
+        failed = {m["file"] for m in reply.get("failed_modules", [])}
+        cells = []
+        for file in files:
+            version = modules.get(file)
+            if file in failed:
+                cells.append("LOAD FAILED")
+            elif version is None:
+                cells.append("-")
+            elif version != majority.get(file):
+                any_drift = True
+                cells.append(f"{short(version)} {DRIFT_MARK}")
+            else:
+                cells.append(short(version))
+        change = last_changes.get(device.id)
+        last = f"{change['action']} {change['file']} {ago(change.get('time'))}" if change else "-"
+        rows.append([device.id, device.label, device.address, "yes", reply.get("agent_version", "?"),
+                     duration(reply.get("uptime_seconds")), *cells, reply.get("command_count", "-"), last])
+    text = tabulate(rows, headers=headers, tablefmt="simple")
+    if any_drift:
+        text += f"\n{DRIFT_MARK} differs from the version most devices run (drift)"
+    return text
+
+
+def rollout_table(results: Sequence[DeviceResult]) -> str:
+    rows = []
+    for r in results:
+        detail = r.error or r.note
+        if r.validation_errors and r.status is Status.FAILED:
+            detail = f"{r.error} ({len(r.validation_errors)} validation error(s))"
+        rows.append([r.device_id, r.status.value, f"{short(r.old_version)} -> {short(r.new_version)}",
+                     len(r.commands) if r.commands else "-", f"{r.seconds:.2f}s", detail or ""])
+    return tabulate(rows, headers=["device", "outcome", "version", "commands", "time", "detail"], tablefmt="simple")
+
+
+def reply_table(results: Sequence[DeviceResult], summarise=None) -> str:
+    """A generic table for one command sent to many devices."""
+    rows = []
+    for r in results:
+        if r.status is Status.OK:
+            text = summarise(r.reply or {}) if summarise else _summary(r.reply or {})
+        else:
+            text = r.error or ""
+        rows.append([r.device_id, r.status.value, f"{r.seconds:.2f}s", text])
+    return tabulate(rows, headers=["device", "outcome", "time", "reply"], tablefmt="simple")
+
+
+def _summary(reply: Dict[str, Any]) -> str:
+    if "message" in reply:
+        return str(reply["message"])
+    shown = {k: v for k, v in reply.items() if k not in ("success", "timestamp", "id", "type")}
+    text = ", ".join(f"{k}={v}" for k, v in shown.items())
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def progress_line(result: DeviceResult, done: int, total: int) -> str:
+    """One line per device as results arrive, so a long rollout shows it is moving."""
+    width = len(str(total))
+    detail = result.error or result.note or ""
+    versions = ""
+    if result.old_version or result.new_version:
+        versions = f" {short(result.old_version)} -> {short(result.new_version)}"
+    return f"[{done:>{width}}/{total}] {result.device_id:<16} {result.status.value:<11}{versions}  {detail}".rstrip()
