@@ -36,18 +36,31 @@ def default_devices() -> str:
     return "devices.json" if Path("devices.json").exists() else str(REPO_DEVICES)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # Options shared by every subcommand, accepted before or after its name.
+def _common_options(after_subcommand: bool) -> argparse.ArgumentParser:
+    """Options every subcommand takes, before or after its name.
+
+    Two copies, because argparse shares Action objects between parents: after
+    the subcommand they default to SUPPRESS so they never overwrite a value
+    given before it.
+    """
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if after_subcommand else value
+
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-d", "--devices", default=argparse.SUPPRESS,
+    common.add_argument("-d", "--devices", default=default(None),
                         help=f"inventory file (default ${DEVICES_ENV}, ./devices.json, or the project's own)")
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+    common.add_argument("--json", action="store_true", default=default(False),
                         help="print one JSON document instead of tables")
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
+    common.add_argument("--timeout", type=float, default=default(None),
                         help="seconds to wait for each reply (default: the inventory's, 30)")
-    common.add_argument("--concurrency", type=int, default=argparse.SUPPRESS,
+    common.add_argument("--concurrency", type=int, default=default(DEFAULT_CONCURRENCY),
                         help=f"requests in flight at once across the fleet (default {DEFAULT_CONCURRENCY})")
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log connection details")
+    common.add_argument("-v", "--verbose", action="store_true", default=default(False), help="log connection details")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options(after_subcommand=True)
 
     targets = argparse.ArgumentParser(add_help=False)
     targets.add_argument("--only", default=None, metavar="ID,ID", help="only these device ids")
@@ -55,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="only devices with this tag (repeatable: any of them)")
 
     parser = argparse.ArgumentParser(
-        prog="fleet", parents=[common],
+        prog="fleet", parents=[_common_options(after_subcommand=False)],
         description="Push handler code to a fleet of Raspberry Pis running pi-agent, in waves, with checks and rollback.",
         epilog="Examples:\n"
                "  fleet status\n"
@@ -65,7 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
                "  fleet demo",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.set_defaults(devices=None, json=False, timeout=None, concurrency=DEFAULT_CONCURRENCY, verbose=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     sub.add_parser("status", parents=[common, targets], help="per-device status table (versions, drift, uptime)")

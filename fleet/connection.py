@@ -82,6 +82,7 @@ class DeviceConnection:
         self._connecting: Optional[asyncio.Future] = None
         self._closed = False
         self._background: Optional[asyncio.Task] = None
+        self._lost: Optional[asyncio.Event] = None  # set when the connection drops, wakes the keep-alive loop
         self.connected_at: Optional[float] = None
         self.last_error: Optional[str] = None
         self.last_reply_at: Optional[float] = None
@@ -116,6 +117,7 @@ class DeviceConnection:
             self.last_error = exc.strerror or str(exc)
             raise DeviceUnreachable(self.device.id, f"{self.device.address}: {self.last_error}") from None
         self._transport = transport  # type: ignore[assignment]
+        self._lost = asyncio.Event()
         self.connected_at = time.time()
         self.last_error = None
         if self.keepalive and (self._background is None or self._background.done()):
@@ -171,6 +173,8 @@ class DeviceConnection:
 
     def _on_lost(self, exc: Optional[Exception]) -> None:
         self._transport = None
+        if self._lost is not None:
+            self._lost.set()
         if not self._closed:
             self.last_error = f"connection lost: {exc}" if exc else "connection closed by the device"
         self._fail_pending(DeviceUnreachable(self.device.id, self.last_error or "connection closed"))
@@ -186,7 +190,12 @@ class DeviceConnection:
         while not self._closed:
             if self.connected:
                 attempt = 0
-                await asyncio.sleep(self.heartbeat)
+                assert self._lost is not None
+                try:
+                    await asyncio.wait_for(self._lost.wait(), self.heartbeat)
+                    continue  # dropped: go straight to reconnecting
+                except asyncio.TimeoutError:
+                    pass
                 idle = time.monotonic() - (self.last_reply_at or 0)
                 if self.connected and idle >= self.heartbeat:
                     try:

@@ -1,0 +1,296 @@
+"""The fleet library over real local agents: inventory, send/send_all, rollouts, drift."""
+
+import asyncio
+import hashlib
+import json
+
+import pytest
+
+from conftest import scripted, wait_until
+from fleet import ConfigError, Device, Fleet, RolloutPlan, Status, deploy, load_inventory, parse_inventory
+from fleet.errors import CommandTimeout, DeviceUnreachable
+from fleet.local import free_port
+from fleet.tables import drifted, status_table
+
+V1 = "VERSION = 1\n\ndef handle_version(data):\n    return {'version': VERSION}\n"
+V2 = "VERSION = 2\n\ndef handle_version(data):\n    return {'version': VERSION}\n"
+CLASH = "def handle_version(data):\n    return {'version': 'old'}\n"
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def device_for(agent, device_id: str, **kw) -> Device:
+    return Device(id=device_id, host=agent.address[0], port=agent.address[1], **kw)
+
+
+def write_handler(tmp_path, code: str, name: str = "ver.py"):
+    path = tmp_path / name
+    path.write_text(code)
+    return path
+
+
+# devices.json
+
+
+def test_the_project_devices_json_loads_and_points_at_loopback():
+    from fleet.cli import REPO_DEVICES
+
+    inventory = load_inventory(REPO_DEVICES)
+    assert inventory.devices and all(d.host == "127.0.0.1" for d in inventory.devices)
+
+
+@pytest.mark.parametrize("document, words", [
+    ('{"raspberryPiDevices": [', "not valid JSON"),
+    ("[]", "top level must be an object"),
+    ('{"devices": []}', '"raspberryPiDevices" must be a list'),
+    ('{"raspberryPiDevices": [{"host": "1.2.3.4"}]}', "raspberryPiDevices[0]: missing required field 'id'"),
+    ('{"raspberryPiDevices": [{"id": "a"}]}', "raspberryPiDevices[0] (a): missing required field 'host'"),
+    ('{"raspberryPiDevices": [{"id": "a", "host": "h"}, {"id": "a", "host": "g"}]}',
+     "raspberryPiDevices[1] (a): duplicate id 'a' (also raspberryPiDevices[0])"),
+    ('{"raspberryPiDevices": [{"id": "a", "host": "h", "port": 70000}]}', "(a): 'port' must be a whole number"),
+    ('{"raspberryPiDevices": [{"id": "a", "host": "h", "port": "3000"}]}', "'port' must be a whole number"),
+    ('{"raspberryPiDevices": [{"id": "a", "host": "h", "port": true}]}', "'port' must be a whole number"),
+    ('{"raspberryPiDevices": [{"id": "a", "host": "h", "prot": 1}]}', "unknown field(s) prot"),
+    ('{"raspberryPiDevices": [{"id": "a", "host": "h", "tags": "cams"}]}', "field 'tags' must be a list"),
+    ('{"raspberryPiDevices": [{"id": "a b", "host": "h"}]}', "'id' must be 1-64 letters"),
+    ('{"raspberryPiDevices": [{"id": "a", "host": ""}]}', "'host' must be"),
+    ('{"defaults": {"timeout": -1}, "raspberryPiDevices": []}', "defaults.timeout must be a positive"),
+])
+def test_a_bad_devices_json_is_refused_naming_file_entry_and_field(tmp_path, document, words):
+    path = tmp_path / "devices.json"
+    path.write_text(document)
+    with pytest.raises(ConfigError) as caught:
+        load_inventory(path)
+    assert str(path) in str(caught.value) and words in str(caught.value)
+
+
+def test_tokens_come_from_the_entry_or_the_environment_and_are_never_shown():
+    inventory = parse_inventory({
+        "defaults": {"token_env": "FLEET_T"},
+        "raspberryPiDevices": [{"id": "a", "host": "h", "token": "inline"}, {"id": "b", "host": "h"},
+                               {"id": "c", "host": "h", "token_env": "OTHER"}],
+    }, environ={"FLEET_T": "from-env", "OTHER": "other"})
+    assert [d.token for d in inventory.devices] == ["inline", "from-env", "other"]
+    assert "inline" not in repr(inventory.devices[0])
+
+
+def test_selection_by_id_and_tag():
+    inventory = parse_inventory({"raspberryPiDevices": [
+        {"id": "a", "host": "h", "tags": ["cams"]}, {"id": "b", "host": "h", "tags": ["sensors"]},
+        {"id": "c", "host": "h", "tags": ["cams"]}]})
+    assert [d.id for d in inventory.select(tags=["cams"])] == ["a", "c"]
+    assert [d.id for d in inventory.select(only=["c", "a"])] == ["a", "c"]
+    with pytest.raises(ConfigError, match="no device 'z'"):
+        inventory.select(only=["z"])
+    with pytest.raises(ConfigError, match="no device has tag"):
+        inventory.select(tags=["nope"])
+
+
+# send / send_all
+
+
+async def test_send_returns_the_reply_matched_by_id(start_agent):
+    agent = await start_agent(handlers={"basic": scripted("basic")})
+    async with Fleet([device_for(agent, "a")]) as fleet:
+        replies = await asyncio.gather(*(fleet.send("a", {"command": "add", "a": i, "b": 1}) for i in range(20)))
+        assert [r["sum"] for r in replies] == [i + 1 for i in range(20)]
+        refused = await fleet.send("a", {"command": "nope"})  # a refusal is a reply, not an exception
+        assert refused["success"] is False and refused["code"] == "unknown_command"
+        assert fleet.connection_status()["a"]["connected"] is True
+
+
+async def test_send_all_with_one_device_down_and_one_too_slow(start_agent):
+    fast = await start_agent(handlers={"blocking": scripted("blocking")})
+    slow = await start_agent(handlers={"blocking": scripted("blocking")})
+    down = Device(id="down", host="127.0.0.1", port=free_port())
+    module = slow.registry.modules["blocking"].module
+    async with Fleet([device_for(fast, "fast"), device_for(slow, "slow"), down], connect_timeout=2) as fleet:
+        await fleet.send("slow", {"command": "reset"})
+        # The slow device is busy with a blocking call; ping still answers, "block" does not in time.
+        blocker = asyncio.ensure_future(fleet.send("slow", {"command": "block"}, timeout=30))
+        await asyncio.get_running_loop().run_in_executor(None, module.ENTERED.acquire)
+        await fleet.send("fast", {"command": "release"})  # the fast device's own RELEASE: it answers at once
+        results = await fleet.send_all({"command": "block"}, timeout=0.5)
+        assert results["fast"].status is Status.OK
+        assert results["slow"].status is Status.TIMEOUT and "0.5 s" in results["slow"].error
+        assert results["down"].status is Status.UNREACHABLE and "refused" in results["down"].error
+        with pytest.raises(DeviceUnreachable):
+            await fleet.send("down", {"command": "ping"})
+        with pytest.raises(CommandTimeout):
+            await fleet.send("slow", {"command": "block"}, timeout=0.2)
+        module.RELEASE.set()
+        assert (await blocker)["released"] is True
+
+
+async def test_a_request_after_the_agent_restarted_reconnects(tmp_path, spawn_agent):
+    proc = spawn_agent(root=tmp_path / "dev")
+    device = Device(id="a", host="127.0.0.1", port=proc.address[1])
+    async with Fleet([device], keepalive=False) as fleet:
+        assert (await fleet.send("a", {"command": "ping"}))["message"] == "pong"
+        proc.kill()
+        with pytest.raises(DeviceUnreachable):
+            await fleet.send("a", {"command": "ping"})
+        again = spawn_agent("--port", str(proc.address[1]), root=tmp_path / "dev")
+        assert again.address[1] == proc.address[1]
+        assert (await fleet.send("a", {"command": "ping"}))["message"] == "pong"
+
+
+async def test_keepalive_reconnects_by_itself_after_a_restart(tmp_path, spawn_agent):
+    proc = spawn_agent(root=tmp_path / "dev")
+    device = Device(id="a", host="127.0.0.1", port=proc.address[1])
+    fleet = Fleet([device], keepalive=True)
+    try:
+        await fleet.connect()
+        proc.kill()
+        await wait_until(lambda: not fleet.connection_status()["a"]["connected"], what="the drop to be seen")
+        spawn_agent("--port", str(proc.address[1]), root=tmp_path / "dev")
+        await wait_until(lambda: fleet.connection_status()["a"]["reconnects"] >= 1, timeout=30, what="a reconnect")
+        assert fleet.connection_status()["a"]["connected"] is True
+    finally:
+        await fleet.close()
+
+
+async def test_a_token_is_added_to_every_request(start_agent):
+    agent = await start_agent(token="s3cret")
+    async with Fleet([device_for(agent, "ok", token="s3cret"), device_for(agent, "bad", token="wrong")]) as fleet:
+        results = await fleet.send_all({"command": "ping"})
+        assert results["ok"].status is Status.OK
+        assert results["bad"].status is Status.FAILED and results["bad"].code == "unauthorized"
+
+
+# Rollouts
+
+
+async def three_agents(start_agent, **kw):
+    return [await start_agent(**kw) for _ in range(3)]
+
+
+async def test_rollout_deploys_everywhere_and_a_rerun_skips_up_to_date_devices(start_agent, tmp_path):
+    agents = await three_agents(start_agent)
+    path = write_handler(tmp_path, V1)
+    async with Fleet([device_for(a, f"d{i}") for i, a in enumerate(agents)]) as fleet:
+        seen = []
+        report = await deploy(fleet, path, plan=RolloutPlan(canary=1, batch=1, verify="version"),
+                              on_result=seen.append)
+        assert report.ok and report.waves == [["d0"], ["d1"], ["d2"]]
+        assert [r.device_id for r in seen] == ["d0", "d1", "d2"]  # one line per device as it finishes
+        for result in report.results.values():
+            assert result.status is Status.OK and result.new_version == sha(V1) and result.commands == ["version"]
+            assert result.old_version is None and "verify version ok" in result.note
+        again = await deploy(fleet, path)
+        assert again.ok and {r.status for r in again.results.values()} == {Status.SKIPPED}
+
+
+async def test_a_failing_canary_halts_the_rollout_before_other_devices_change(start_agent, tmp_path):
+    canary = await start_agent(handlers={"old": CLASH})
+    others = [await start_agent(), await start_agent()]
+    devices = [device_for(canary, "canary")] + [device_for(a, f"d{i}") for i, a in enumerate(others)]
+    async with Fleet(devices) as fleet:
+        report = await deploy(fleet, write_handler(tmp_path, V1), plan=RolloutPlan(canary=1, batch=10))
+    assert report.halted and "1 device(s) failed" in report.halt_reason and not report.ok
+    assert report.results["canary"].status is Status.FAILED
+    assert "offered by both old.py and ver.py" in report.results["canary"].error
+    for device_id in ("d0", "d1"):
+        assert report.results[device_id].status is Status.SKIPPED and "halted" in report.results[device_id].note
+    for agent in others:
+        assert not (agent.config.handlers_dir / "ver.py").exists()
+
+
+async def test_rollback_on_failure_restores_what_every_changed_device_ran_before(start_agent, tmp_path):
+    agents = [await start_agent(handlers={"ver": V1}), await start_agent(), await start_agent(handlers={"old": CLASH})]
+    devices = [device_for(a, f"d{i}") for i, a in enumerate(agents)]
+    async with Fleet(devices) as fleet:
+        report = await deploy(fleet, write_handler(tmp_path, V2),
+                              plan=RolloutPlan(canary=1, batch=1, rollback_on_failure=True))
+        assert report.halted
+        assert report.results["d0"].status is Status.ROLLED_BACK and report.results["d0"].new_version == sha(V1)
+        assert report.results["d1"].status is Status.ROLLED_BACK  # it had no ver.py: the new file is removed
+        assert report.results["d2"].status is Status.FAILED
+        assert (await fleet.send("d0", {"command": "version"}))["version"] == 1
+        assert (await fleet.send("d1", {"command": "version"}))["code"] == "unknown_command"
+    assert (agents[0].config.handlers_dir / "ver.py").read_text() == V1
+    assert not (agents[1].config.handlers_dir / "ver.py").exists()
+
+
+async def test_failures_are_counted_over_the_whole_rollout_not_per_batch(start_agent, tmp_path):
+    agents = [await start_agent(), await start_agent(handlers={"old": CLASH}), await start_agent(),
+              await start_agent(handlers={"old": CLASH}), await start_agent()]
+    async with Fleet([device_for(a, f"d{i}") for i, a in enumerate(agents)]) as fleet:
+        report = await deploy(fleet, write_handler(tmp_path, V1),
+                              plan=RolloutPlan(canary=1, batch=2, max_failures=1))
+    # Waves: [d0], [d1, d2], [d3, d4]: one failure per batch, but two in all: halt after the third wave.
+    assert report.halted and "2 device(s) failed" in report.halt_reason
+    assert [report.results[d].status for d in ("d0", "d1", "d2", "d3", "d4")] == [
+        Status.OK, Status.FAILED, Status.OK, Status.FAILED, Status.OK]
+
+
+async def test_a_device_killed_mid_rollout_is_a_result_not_a_crash(tmp_path, spawn_agent):
+    procs = [spawn_agent(root=tmp_path / f"d{i}") for i in range(3)]
+    devices = [Device(id=f"d{i}", host="127.0.0.1", port=p.address[1]) for i, p in enumerate(procs)]
+
+    def kill_d2_after_canary(result):
+        if result.device_id == "d0":
+            procs[2].kill()
+
+    async with Fleet(devices, connect_timeout=2) as fleet:
+        await fleet.connect()
+        report = await deploy(fleet, write_handler(tmp_path, V1), plan=RolloutPlan(canary=1, batch=1),
+                              on_result=kill_d2_after_canary)
+    assert report.results["d0"].status is Status.OK and report.results["d1"].status is Status.OK
+    assert report.results["d2"].status is Status.UNREACHABLE
+    assert not report.halted and not report.ok  # unreachable has its own limit, unlimited by default
+
+
+async def test_devices_offline_at_the_start_are_reported_and_max_unreachable_halts(start_agent, tmp_path):
+    agent = await start_agent()
+    devices = [Device(id="off", host="127.0.0.1", port=free_port()), device_for(agent, "on")]
+    async with Fleet(devices, connect_timeout=2) as fleet:
+        report = await deploy(fleet, write_handler(tmp_path, V1), plan=RolloutPlan())
+        assert report.results["off"].status is Status.UNREACHABLE and "offline at start" in report.results["off"].note
+        assert report.results["on"].status is Status.OK
+        strict = await deploy(fleet, write_handler(tmp_path, V2), plan=RolloutPlan(max_unreachable=0))
+        assert strict.halted and "unreachable" in strict.halt_reason
+
+
+async def test_a_failing_verify_command_fails_the_device(start_agent, tmp_path):
+    agent = await start_agent(handlers={"crash": scripted("crash")})
+    async with Fleet([device_for(agent, "a")]) as fleet:
+        report = await deploy(fleet, write_handler(tmp_path, V1), plan=RolloutPlan(verify="boom"))
+    result = report.results["a"]
+    assert result.status is Status.FAILED and "verify boom failed" in result.error and result.changed
+
+
+async def test_dry_run_changes_nothing(start_agent, tmp_path):
+    agent = await start_agent()
+    async with Fleet([device_for(agent, "a")]) as fleet:
+        report = await deploy(fleet, write_handler(tmp_path, V1), plan=RolloutPlan(dry_run=True))
+    assert report.ok and "dry run" in report.results["a"].note
+    assert not (agent.config.handlers_dir / "ver.py").exists()
+
+
+async def test_status_table_shows_drift(start_agent):
+    agents = [await start_agent(handlers={"ver": V1}), await start_agent(handlers={"ver": V1}),
+              await start_agent(handlers={"ver": V2})]
+    devices = [device_for(a, f"d{i}") for i, a in enumerate(agents)]
+    async with Fleet(devices) as fleet:
+        statuses = await fleet.send_all({"command": "get_status"})
+    assert drifted(statuses) == {"d2": ["ver.py"]}
+    table = status_table(devices, statuses, {})
+    row = next(line for line in table.splitlines() if line.startswith("d2"))
+    assert f"{sha(V2)[:8]} *" in row
+    assert f"{sha(V1)[:8]} *" not in table and "differs from the version most devices run" in table
+
+
+def test_amounts_parse_counts_and_percentages():
+    from fleet.rollout import Amount
+
+    assert Amount.parse("25%", "batch").of(10) == 2 and Amount.parse("10", "batch").of(99) == 10
+    assert Amount.parse(3, "batch").of(1) == 3
+    for bad in ("x", "-1", "120%", "1.5"):
+        with pytest.raises(ConfigError):
+            Amount.parse(bad, "batch")
+    with pytest.raises(ConfigError):
+        RolloutPlan(batch="0")
+    assert json.dumps(RolloutPlan().batch.__str__()) == '"25%"'

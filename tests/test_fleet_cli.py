@@ -1,0 +1,155 @@
+"""The ``fleet`` CLI against real agent processes: exit codes, tables, --json, progress."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from fleet.cli import main
+from fleet.local import LocalAgents, free_port
+
+V1 = "VERSION = 1\n\ndef handle_version(data):\n    return {'version': VERSION}\n"
+V2 = "VERSION = 2\n\ndef handle_version(data):\n    return {'version': VERSION}\n"
+
+
+@pytest.fixture
+def agents(tmp_path):
+    with LocalAgents(tmp_path / "agents") as local:
+        yield local
+
+
+def inventory(tmp_path, agents, count=2, offline=False, tokens=None):
+    entries = []
+    for i in range(count):
+        agent = agents.start(f"d{i}", extra=["--token-file", str(tokens)] if tokens else [])
+        entries.append({"id": f"d{i}", "host": "127.0.0.1", "port": agent.device.port, "tags": ["cams"]})
+    if offline:
+        entries.append({"id": "off", "host": "127.0.0.1", "port": free_port()})
+    path = tmp_path / "devices.json"
+    path.write_text(json.dumps({"defaults": {"timeout": 20, "token_env": "CLI_TEST_TOKEN"},
+                                "raspberryPiDevices": entries}))
+    return path
+
+
+def handler(tmp_path, code=V1, name="ver.py"):
+    path = tmp_path / name
+    path.write_text(code)
+    return str(path)
+
+
+def test_deploy_prints_progress_and_a_table_and_exits_0(tmp_path, agents, capsys):
+    devices = inventory(tmp_path, agents)
+    code = main(["-d", str(devices), "deploy", handler(tmp_path), "--verify", "version"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "[1/2] d0" in err and "[2/2] d1" in err  # one progress line per device, as results arrive
+    assert "outcome" in out and out.count(" OK ") >= 2 and "2 OK" in out
+
+
+def test_deploy_json_document_and_exit_1_when_a_device_is_offline(tmp_path, agents, capsys):
+    devices = inventory(tmp_path, agents, offline=True)
+    code = main(["deploy", handler(tmp_path), "-d", str(devices), "--json"])
+    out, _ = capsys.readouterr()
+    document = json.loads(out)
+    assert code == 1
+    assert set(document) >= {"file", "version", "ok", "halted", "counts", "devices", "waves"}
+    assert document["counts"] == {"OK": 2, "UNREACHABLE": 1}
+    by_id = {d["device"]: d for d in document["devices"]}
+    assert by_id["off"]["status"] == "UNREACHABLE" and by_id["d0"]["commands"] == ["version"]
+
+
+def test_a_halted_rollout_exits_1(tmp_path, agents, capsys):
+    devices = inventory(tmp_path, agents)
+    broken = handler(tmp_path, "import os\nos.system('x')\n")
+    assert main(["-d", str(devices), "deploy", broken]) == 1
+    out, _ = capsys.readouterr()
+    assert "HALTED" in out and "SKIPPED" in out and "Dangerous pattern detected" in out
+
+
+def test_status_rollback_send_commands_backups_and_log(tmp_path, agents, capsys):
+    devices = inventory(tmp_path, agents)
+    assert main(["-d", str(devices), "deploy", handler(tmp_path, V1)]) == 0
+    assert main(["-d", str(devices), "deploy", handler(tmp_path, V2), "--only", "d0"]) == 0
+    capsys.readouterr()
+
+    assert main(["-d", str(devices), "status"]) == 0
+    out, _ = capsys.readouterr()
+    assert "ver.py" in out and "yes" in out
+
+    assert main(["-d", str(devices), "status", "--json"]) == 0
+    status = json.loads(capsys.readouterr()[0])
+    assert [d["device"] for d in status["devices"]] == ["d0", "d1"]
+    assert all(d["reachable"] for d in status["devices"])
+
+    assert main(["-d", str(devices), "send", "d0", "version"]) == 0
+    assert json.loads(capsys.readouterr()[0])["version"] == 2
+
+    assert main(["-d", str(devices), "rollback", "ver.py", "--only", "d0"]) == 0
+    capsys.readouterr()
+    assert main(["-d", str(devices), "send", "all", "version", "--json"]) == 0
+    replies = json.loads(capsys.readouterr()[0])["results"]
+    assert [r["reply"]["version"] for r in replies] == [1, 1]
+
+    assert main(["-d", str(devices), "commands"]) == 0
+    assert "version" in capsys.readouterr()[0]
+    assert main(["-d", str(devices), "backups", "ver.py", "--json"]) == 0
+    backups = json.loads(capsys.readouterr()[0])["results"]
+    assert len(backups[0]["reply"]["backups"]) == 2 and backups[1]["reply"]["backups"] == []
+    assert main(["-d", str(devices), "log", "--limit", "2"]) == 0
+    assert "rollback ver.py" in capsys.readouterr()[0]
+
+
+def test_send_parses_values_as_json_where_they_parse(tmp_path, agents, capsys):
+    devices = inventory(tmp_path, agents, count=1)
+    echo = "def handle_echo(data):\n    return {'got': {k: v for k, v in data.items() if k not in ('command', 'id')}}\n"
+    assert main(["-d", str(devices), "deploy", handler(tmp_path, echo, "echoer.py")]) == 0
+    capsys.readouterr()
+    assert main(["-d", str(devices), "send", "d0", "echo", "duration=30", "filename=x.h264", "on=true",
+                 "ratio=0.5", "tags=[1,2]"]) == 0
+    got = json.loads(capsys.readouterr()[0])["got"]
+    assert got == {"duration": 30, "filename": "x.h264", "on": True, "ratio": 0.5, "tags": [1, 2]}
+    assert main(["-d", str(devices), "send", "d0", "echo", "novalue"]) == 2
+
+
+def test_tokens_are_used_and_never_printed(tmp_path, agents, capsys, monkeypatch):
+    secret = tmp_path / "token"
+    secret.write_text("very-secret-token\n")
+    devices = inventory(tmp_path, agents, count=1, tokens=secret)
+    assert main(["-d", str(devices), "send", "d0", "ping"]) == 1  # no token in the environment yet
+    assert "unauthorized" in "".join(capsys.readouterr())
+    monkeypatch.setenv("CLI_TEST_TOKEN", "very-secret-token")
+    assert main(["-d", str(devices), "status", "--json"]) == 0
+    assert main(["-d", str(devices), "deploy", handler(tmp_path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "very-secret-token" not in out + err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["-d", "/nonexistent/devices.json", "status"], "file not found"),
+    (["deploy", "/nonexistent/handler.py"], "file not found"),
+    (["deploy", "README.md"], "must be named NAME.py"),
+    (["status", "--only", "ghost"], "no device 'ghost'"),
+    (["deploy", "handlers/camera_handlers.py", "--batch", "lots"], "batch must be"),
+])
+def test_usage_and_config_errors_exit_2_with_a_message(argv, words, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(argv) == 2
+    assert words in capsys.readouterr()[1]
+
+
+def test_help_and_bad_arguments():
+    run = subprocess.run([sys.executable, "-m", "fleet", "deploy", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0 and "--rollback-on-failure" in run.stdout and "--max-failures" in run.stdout
+    bad = subprocess.run([sys.executable, "-m", "fleet", "frobnicate"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2
+
+
+def test_demo_runs_end_to_end():
+    run = subprocess.run([sys.executable, "-m", "fleet", "demo"], capture_output=True, text=True, cwd=REPO,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert "UNREACHABLE" in out and "offered by both old_camera.py and camera_handlers.py" in out
+    assert "Recording stopped with SIGINT" in out and "3 SKIPPED" in out
