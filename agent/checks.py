@@ -22,6 +22,7 @@ import ast
 import importlib.util
 import keyword
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Set
 
@@ -29,6 +30,13 @@ from .errors import BadRequest
 
 # The agent's own packages, and the names the seed's agent used for its core.
 PROTECTED_PACKAGES = frozenset({"agent", "core"})
+
+# ast.parse is not safe to call from two threads at once on CPython 3.11 and
+# some 3.12 releases: the AST constructor keeps its recursion depth in shared
+# interpreter state, and concurrent parses fail with "SystemError: AST
+# constructor recursion depth mismatch" (CPython gh-106905). Deploys of
+# different files run checks in parallel worker threads, so parses take turns.
+_PARSE_LOCK = threading.Lock()
 
 _FILENAME = re.compile(r"^(?:handlers/)?([A-Za-z][A-Za-z0-9_]*)\.py$")
 
@@ -125,7 +133,8 @@ def check_code(code: str, path: str) -> CheckReport:
     """Checks 2 to 5 on the source text. Never raises for bad code: it reports."""
     report = CheckReport()
     try:
-        tree = ast.parse(code, filename=path)
+        with _PARSE_LOCK:
+            tree = ast.parse(code, filename=path)
     except SyntaxError as exc:
         report.errors.append(Issue("syntax", f"Syntax Error at line {exc.lineno}: {exc.msg}", exc.lineno))
         return report

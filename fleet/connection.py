@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import random
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from agent.protocol import LineReader, decode_message, encode_message
 
@@ -35,6 +36,11 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 
 MessageCallback = Callable[[str, Dict[str, Any]], None]
+
+
+def encode_body(message: Dict[str, Any]) -> bytes:
+    """A request as bytes, without ``id`` and ``token`` (each connection adds its own)."""
+    return encode_message({k: v for k, v in message.items() if k not in ("id", "token")})
 
 
 class _DeviceLogger(logging.LoggerAdapter):
@@ -78,7 +84,8 @@ class DeviceConnection:
         self.on_message = on_message
         self.log = _DeviceLogger(log, {"device": device.id})
         self._transport: Optional[asyncio.Transport] = None
-        self._pending: Dict[Any, asyncio.Future] = {}
+        self._pending: Dict[Any, Tuple[asyncio.Future, asyncio.TimerHandle]] = {}
+        self._token_field = f',"token":{json.dumps(device.token)}' if device.token is not None else None
         self._connecting: Optional[asyncio.Future] = None
         self._closed = False
         self._background: Optional[asyncio.Task] = None
@@ -132,25 +139,33 @@ class DeviceConnection:
         if self._closed:
             raise DeviceUnreachable(self.device.id, "connection closed")
         await self.connect()
+        return await self.start_request(encode_body(message), str(message.get("command")), timeout)
+
+    def start_request(self, body: bytes, command: str, timeout: Optional[float] = None) -> "asyncio.Future[Dict[str, Any]]":
+        """Send a request encoded by ``encode_body`` now; the future gets the reply or a ``DeviceError``.
+
+        The connection must be open. This is the fan-out fast path: the body is
+        encoded once for the whole fleet, and only this device's ``id`` and
+        token are spliced in front of it.
+        """
+        if not self.connected:
+            raise DeviceUnreachable(self.device.id, self.last_error or "not connected")
+        loop = asyncio.get_running_loop()
         request_id = f"f{next(self._ids)}"
-        payload = dict(message)
-        payload["id"] = request_id
-        if self.device.token is not None:
-            payload["token"] = self.device.token
-        future = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
-        try:
-            assert self._transport is not None
-            self._transport.write(encode_message(payload))
-            limit = self.request_timeout if timeout is None else timeout
-            try:
-                return await asyncio.wait_for(future, limit)
-            except asyncio.TimeoutError:
-                raise CommandTimeout(
-                    self.device.id, f"no reply to {message.get('command')!r} within {limit:g} s"
-                ) from None
-        finally:
-            self._pending.pop(request_id, None)
+        head = f'{{"id":"{request_id}"' + (self._token_field or "")
+        data = head.encode() + (b"," + body[1:] if len(body) > 3 else b"}\n")
+        future: asyncio.Future = loop.create_future()
+        limit = self.request_timeout if timeout is None else timeout
+        expiry = loop.call_later(limit, self._expire, request_id, command, limit)
+        self._pending[request_id] = (future, expiry)
+        assert self._transport is not None
+        self._transport.write(data)
+        return future
+
+    def _expire(self, request_id: str, command: str, limit: float) -> None:
+        entry = self._pending.pop(request_id, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_exception(CommandTimeout(self.device.id, f"no reply to {command!r} within {limit:g} s"))
 
     def _on_line(self, line: bytes) -> None:
         try:
@@ -159,9 +174,12 @@ class DeviceConnection:
             self._drop("the device sent something that is not a JSON object")
             return
         self.last_reply_at = time.monotonic()
-        future = self._pending.get(reply.get("id"))
-        if future is not None and not future.done():
-            future.set_result(reply)
+        entry = self._pending.pop(reply.get("id"), None)
+        if entry is not None:
+            future, expiry = entry
+            expiry.cancel()
+            if not future.done():
+                future.set_result(reply)
         elif self.on_message is not None:
             self.on_message(self.device.id, reply)
 
@@ -180,7 +198,9 @@ class DeviceConnection:
         self._fail_pending(DeviceUnreachable(self.device.id, self.last_error or "connection closed"))
 
     def _fail_pending(self, error: Exception) -> None:
-        for future in list(self._pending.values()):
+        pending, self._pending = self._pending, {}
+        for future, expiry in pending.values():
+            expiry.cancel()
             if not future.done():
                 future.set_exception(error)
 

@@ -16,13 +16,18 @@ unreachable, slow or misbehaving device is a ``DeviceResult`` with status
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import time
+from collections import deque
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Sequence
 
-from .connection import DeviceConnection, MessageCallback
-from .errors import CommandTimeout, DeviceError, DeviceUnreachable, ProtocolError, UnknownDevice
+from .connection import DeviceConnection, MessageCallback, encode_body
+from .errors import CommandTimeout, DeviceError, DeviceUnreachable, UnknownDevice
 from .inventory import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, Device, Inventory
 from .results import DeviceResult, Status
+
+log = logging.getLogger(__name__)
 
 # Limits
 DEFAULT_CONCURRENCY = 64  # requests in flight across the fleet
@@ -81,6 +86,13 @@ class Fleet:
         """The device's reply. Raises ``DeviceUnreachable``/``CommandTimeout`` (a refusal is a reply)."""
         return await self._connection(device_id).request(command, timeout)
 
+    async def send_encoded(self, device_id: str, body: bytes, command: str, *,
+                           timeout: Optional[float] = None) -> Dict[str, Any]:
+        """``send`` for a request already encoded with ``encode_body``: for one request sent to many devices."""
+        conn = self._connection(device_id)
+        await conn.connect()
+        return await conn.start_request(body, command, timeout)
+
     async def send_all(
         self,
         command: Dict[str, Any],
@@ -89,9 +101,53 @@ class Fleet:
         timeout: Optional[float] = None,
         on_result: Optional[ResultCallback] = None,
     ) -> Dict[str, DeviceResult]:
-        """Send to many devices at once (bounded concurrency); one ``DeviceResult`` per device."""
+        """Send to many devices at once (bounded concurrency); one ``DeviceResult`` per device.
+
+        The request is encoded once. Devices with an open connection are sent
+        to straight from callbacks, without a task each; the others connect
+        first. At most ``concurrency`` requests are in flight at a time.
+        """
         ids = list(targets) if targets is not None else list(self._connections)
-        return await self._fan_out(ids, lambda conn: conn.request(command, timeout), on_result)
+        connections = [self._connection(device_id) for device_id in ids]
+        body = encode_body(command)
+        name = str(command.get("command"))
+        loop = asyncio.get_running_loop()
+        results: Dict[str, DeviceResult] = {}
+        finished = loop.create_future()
+        queue = deque(connections)
+        in_flight = 0
+
+        def launch() -> None:
+            nonlocal in_flight
+            while queue and in_flight < self.concurrency:
+                conn = queue.popleft()
+                in_flight += 1
+                started = time.perf_counter()
+                if conn.connected:
+                    future = conn.start_request(body, name, timeout)
+                else:
+                    future = asyncio.ensure_future(conn.request(command, timeout))
+                future.add_done_callback(functools.partial(done, conn.device.id, started))
+
+        def done(device_id: str, started: float, future: "asyncio.Future[Dict[str, Any]]") -> None:
+            nonlocal in_flight
+            in_flight -= 1
+            result = classify(device_id, future)
+            result.seconds = time.perf_counter() - started
+            results[device_id] = result
+            try:
+                if on_result is not None:
+                    on_result(result)
+            finally:
+                if queue:
+                    launch()
+                elif in_flight == 0 and not finished.done():
+                    finished.set_result(None)
+
+        if ids:
+            launch()
+            await finished
+        return {device_id: results[device_id] for device_id in ids}
 
     def connection_status(self) -> Dict[str, Dict[str, Any]]:
         return {device_id: conn.status() for device_id, conn in self._connections.items()}
@@ -162,12 +218,33 @@ async def attempt(awaitable: Awaitable[Any], device_id: str) -> DeviceResult:
     """Await one device operation and classify how it ended. Never raises for device trouble."""
     try:
         reply = await awaitable
-    except CommandTimeout as exc:
+    except DeviceError as exc:
+        return _failed(device_id, exc)
+    return _replied(device_id, reply)
+
+
+def classify(device_id: str, future: "asyncio.Future[Any]") -> DeviceResult:
+    """How a finished request future ended, as a result (the callback twin of ``attempt``)."""
+    if future.cancelled():
+        return DeviceResult(device_id, Status.FAILED, error="cancelled", code="cancelled")
+    exc = future.exception()
+    if isinstance(exc, DeviceError):
+        return _failed(device_id, exc)
+    if exc is not None:  # a bug on our side: report it on this device, keep the others going
+        log.error("request to %s failed unexpectedly", device_id, exc_info=exc)
+        return DeviceResult(device_id, Status.FAILED, error=f"internal error: {exc!r}", code="internal_error")
+    return _replied(device_id, future.result())
+
+
+def _failed(device_id: str, exc: DeviceError) -> DeviceResult:
+    if isinstance(exc, CommandTimeout):
         return DeviceResult(device_id, Status.TIMEOUT, error=exc.message, code="timeout")
-    except DeviceUnreachable as exc:
+    if isinstance(exc, DeviceUnreachable):
         return DeviceResult(device_id, Status.UNREACHABLE, error=exc.message, code="unreachable")
-    except (ProtocolError, DeviceError) as exc:
-        return DeviceResult(device_id, Status.FAILED, error=exc.message, code=exc.code)
+    return DeviceResult(device_id, Status.FAILED, error=exc.message, code=exc.code)
+
+
+def _replied(device_id: str, reply: Any) -> DeviceResult:
     if not isinstance(reply, dict):  # connect() returns None
         return DeviceResult(device_id, Status.OK)
     if reply.get("success") is False:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from .connection import encode_body
 from .errors import ConfigError
 from .fleet import Fleet, ResultCallback, attempt
 from .results import DeviceResult, Status
@@ -149,6 +150,11 @@ class Rollout:
         self.on_result = on_result
         self.results: Dict[str, DeviceResult] = {}
         self.old_versions: Dict[str, Optional[str]] = {}
+        # Encoded once for the whole fleet: the code is the bulk of every push.
+        self._push_body = encode_body({"command": "update_handler", "filename": filename, "code": code,
+                                       "sha256": self.version, "dry_run": plan.dry_run, "probation": plan.probation})
+        self._list_body = encode_body({"command": "list_commands"})
+        self._verify_body = encode_body({**plan.verify_args, "command": plan.verify}) if plan.verify else b""
 
     async def run(self) -> RolloutReport:
         started = time.perf_counter()
@@ -225,9 +231,8 @@ class Rollout:
     async def _push(self, device_id: str) -> DeviceResult:
         started = time.perf_counter()
         old = self.old_versions.get(device_id)
-        request = {"command": "update_handler", "filename": self.filename, "code": self.code,
-                   "sha256": self.version, "dry_run": self.plan.dry_run, "probation": self.plan.probation}
-        result = await attempt(self.fleet.send(device_id, request, timeout=self.plan.timeout), device_id)
+        result = await attempt(self.fleet.send_encoded(device_id, self._push_body, "update_handler",
+                                                       timeout=self.plan.timeout), device_id)
         result.old_version = old
         reply = result.reply or {}
         details = reply.get("validation_details") or reply.get("validation") or {}
@@ -249,8 +254,8 @@ class Rollout:
 
     async def _check_live(self, device_id: str, result: DeviceResult) -> None:
         """The wave check: the pushed commands are in the device's table, and verify passes."""
-        listed = await attempt(self.fleet.send(device_id, {"command": "list_commands"}, timeout=self.plan.timeout),
-                               device_id)
+        listed = await attempt(self.fleet.send_encoded(device_id, self._list_body, "list_commands",
+                                                       timeout=self.plan.timeout), device_id)
         if listed.status is not Status.OK:
             result.status, result.error, result.code = listed.status, f"after the push, list_commands: {listed.error}", listed.code
             return
@@ -261,8 +266,8 @@ class Rollout:
             result.error = f"pushed, but these commands are not live: {', '.join(missing)}"
             return
         if self.plan.verify:
-            check = await attempt(self.fleet.send(device_id, {"command": self.plan.verify, **self.plan.verify_args},
-                                                  timeout=self.plan.timeout), device_id)
+            check = await attempt(self.fleet.send_encoded(device_id, self._verify_body, self.plan.verify,
+                                                          timeout=self.plan.timeout), device_id)
             if check.status is not Status.OK:
                 result.status, result.code = check.status, check.code or "verify_failed"
                 result.error = f"verify {self.plan.verify} failed: {check.error}"

@@ -426,3 +426,14 @@ async def test_bad_arguments_to_deploy_commands(start_agent, connect):
     assert (await client.call("update_handler", filename="x.py", code="X=1\n", probation="long"))["code"] == "bad_request"
     assert (await client.call("rollback_handler"))["code"] == "bad_request"
     assert (await client.call("list_backups", filename="../x.py"))["code"] == "bad_request"
+
+
+async def test_concurrent_deploys_of_different_files_all_succeed(start_agent, connect):
+    # Different files deploy in parallel worker threads. (This is where CPython's
+    # non-thread-safe ast.parse once failed under load; see checks._PARSE_LOCK.)
+    agent = await start_agent()
+    clients = [await connect(agent) for _ in range(12)]
+    big = "\n".join(f"def f{i}(x):\n    return [(a, b) for a in range(x) for b in {{i: x}}]" for i in range(300))
+    replies = await asyncio.gather(*(
+        deploy(c, f"mod{n}.py", big + f"\ndef handle_cmd{n}(d):\n    return {{}}\n") for n, c in enumerate(clients)))
+    assert all(r["success"] for r in replies), [r.get("error") for r in replies if not r["success"]]

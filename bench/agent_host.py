@@ -1,0 +1,55 @@
+"""Host many real agents in one process, for benchmarks that need hundreds of devices.
+
+    python bench/agent_host.py --count 250 --base DIR
+
+Each agent is a full ``agent.app.Agent`` (own root folder, own port on
+127.0.0.1, own registry, dispatcher and deploy pipeline) sharing one event
+loop. The one difference from a Pi: the agents of one host share a single
+import-test helper, because a thousand helper processes would need about 12
+GB of memory on one machine; on a fleet each Pi has its own. Prints one JSON
+line with the ports once every agent listens, then serves until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+from agent.app import Agent
+from agent.config import AgentConfig
+
+
+async def serve(count: int, base: Path) -> None:
+    agents = [Agent(AgentConfig(root=base / f"agent{i:04d}", port=0, probation_seconds=60)) for i in range(count)]
+    shared = agents[0].deployer.tester
+    for agent in agents[1:]:
+        agent.deployer.tester = shared
+    ports = []
+    for agent in agents:
+        _, port = await agent.start()
+        ports.append(port)
+    print(json.dumps({"ports": ports}), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    for agent in agents:
+        await agent.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--base", type=Path, required=True)
+    args = parser.parse_args()
+    asyncio.run(serve(args.count, args.base))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Fan-out: the fleet controller against a one-device-at-a-time script, over the same agents.
+
+Starts 1,000 real agents in a few host processes (see ``agent_host.py``),
+then for N = 10, 100 and 1,000 of them measures, in this one run:
+
+- ``send_all(ping)`` over open connections, and the naive loop a script
+  would run (for each device: connect, send, wait for the reply, close);
+- a full rollout of the camera handler (``deploy``: preflight, canary, batches,
+  command check), and the naive loop (connect, send update_handler, wait,
+  close), each pushing a version the devices do not have yet.
+
+Wall time and this process's CPU time (the controller's) are printed side by
+side. The machine is shared and noisy: read the ratios.
+
+    python bench/fanout.py [--sizes 10,100,1000] [--hosts 4]
+
+Targets: send_all(ping) to 1,000 agents under 1 s and at least 10 x faster
+than the loop; controller CPU under 1 ms per device for a deploy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, List, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from fleet import Device, Fleet, RolloutPlan, Status, deploy  # noqa: E402
+
+CAMERA = (REPO / "handlers" / "camera_handlers.py").read_text()
+
+
+def start_hosts(total: int, hosts: int, base: Path) -> Tuple[List[subprocess.Popen], List[int]]:
+    procs, ports = [], []
+    per_host = -(-total // hosts)
+    for h in range(hosts):
+        count = min(per_host, total - h * per_host)
+        if count <= 0:
+            break
+        procs.append(subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "agent_host.py"), "--count", str(count), "--base", str(base / f"host{h}")],
+            cwd=REPO, stdout=subprocess.PIPE, text=True))
+    for proc in procs:
+        assert proc.stdout is not None
+        ports += json.loads(proc.stdout.readline())["ports"]
+    return procs, ports
+
+
+def measure(func: Callable[[], object]) -> Tuple[float, float, object]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = func()
+    return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
+def naive(ports: List[int], message: dict) -> int:
+    """What a simple script does: one device at a time, a new connection each."""
+    payload = (json.dumps(message) + "\n").encode()
+    ok = 0
+    for port in ports:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(payload)
+            buffer = b""
+            while not buffer.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buffer += chunk
+        ok += json.loads(buffer).get("success") is True
+    return ok
+
+
+def handler_file(folder: Path, tag: str) -> Path:
+    path = folder / tag / "camera_handlers.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(CAMERA + f"\n# bench version {tag}\n")
+    return path
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10,100,1000", help="comma-separated fleet sizes (default 10,100,1000)")
+    parser.add_argument("--hosts", type=int, default=4, help="agent host processes (default 4)")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    with tempfile.TemporaryDirectory(prefix="pifleet-fanout-") as tmp:
+        base = Path(tmp)
+        started = time.perf_counter()
+        procs, ports = start_hosts(max(sizes), args.hosts, base)
+        print(f"started {len(ports)} agents in {len(procs)} processes in {time.perf_counter() - started:.1f}s",
+              file=sys.stderr, flush=True)
+        rows = []
+        try:
+            for n in sizes:
+                rows.append(run_size(n, ports[:n], base))
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(timeout=60)
+    print(f"fan-out bench: Python {sys.version.split()[0]}, agents in {args.hosts} host processes "
+          "(sharing one import-test helper per host), controller = this process")
+    header = (f"{'N':>5} | {'send_all(ping) wall/cpu ms':>27} | {'naive loop wall/cpu ms':>23} | {'speedup':>7} | "
+              f"{'deploy wall s':>13} {'cpu ms/dev':>10} | {'naive deploy wall s':>19} {'cpu ms/dev':>10}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(f"{row['n']:>5} | {row['ping_wall'] * 1000:>13.1f} / {row['ping_cpu'] * 1000:>9.1f} | "
+              f"{row['naive_wall'] * 1000:>10.1f} / {row['naive_cpu'] * 1000:>9.1f} | "
+              f"{row['naive_wall'] / row['ping_wall']:>6.1f}x | "
+              f"{row['deploy_wall']:>13.2f} {row['deploy_cpu'] * 1000 / row['n']:>10.2f} | "
+              f"{row['naive_deploy_wall']:>19.2f} {row['naive_deploy_cpu'] * 1000 / row['n']:>10.2f}")
+    biggest = rows[-1]
+    ping_ok = biggest["ping_wall"] < 1.0 and biggest["naive_wall"] / biggest["ping_wall"] >= 10
+    cpu_ok = all(r["deploy_cpu"] / r["n"] < 0.001 for r in rows)
+    print(f"target send_all(ping) to {biggest['n']} under 1 s and >= 10x the loop: {'met' if ping_ok else 'MISSED'}")
+    print(f"target controller CPU under 1 ms per device for a deploy: {'met' if cpu_ok else 'MISSED'}")
+    return 0
+
+
+def run_size(n: int, ports: List[int], base: Path) -> dict:
+    devices = [Device(id=f"dev{i:04d}", host="127.0.0.1", port=port) for i, port in enumerate(ports)]
+
+    async def fleet_run():
+        async with Fleet(devices, connect_timeout=60, request_timeout=120) as fleet:
+            await fleet.connect()
+            await fleet.send_all({"command": "ping"})  # warm
+            wall, cpu = time.perf_counter(), time.process_time()
+            results = await fleet.send_all({"command": "ping"})
+            ping = (time.perf_counter() - wall, time.process_time() - cpu)
+            assert all(r.status is Status.OK for r in results.values()), "a ping failed"
+            path = handler_file(base, f"fleet-{n}")
+            wall, cpu = time.perf_counter(), time.process_time()
+            report = await deploy(fleet, path, plan=RolloutPlan(canary=1, batch="25%", probation=False))
+            deployed = (time.perf_counter() - wall, time.process_time() - cpu)
+            assert report.ok, [r.as_dict() for r in report.results.values() if r.status is not Status.OK][:2]
+            return ping, deployed
+
+    (ping_wall, ping_cpu), (deploy_wall, deploy_cpu) = asyncio.run(fleet_run())
+    naive_wall, naive_cpu, ok = measure(lambda: naive(ports, {"command": "ping"}))
+    assert ok == n
+    code = handler_file(base, f"naive-{n}").read_text()
+    naive_deploy_wall, naive_deploy_cpu, ok = measure(lambda: naive(ports, {
+        "command": "update_handler", "filename": "camera_handlers.py", "code": code, "probation": False}))
+    assert ok == n
+    print(f"N={n}: done", file=sys.stderr, flush=True)
+    return {"n": n, "ping_wall": ping_wall, "ping_cpu": ping_cpu, "naive_wall": naive_wall, "naive_cpu": naive_cpu,
+            "deploy_wall": deploy_wall, "deploy_cpu": deploy_cpu,
+            "naive_deploy_wall": naive_deploy_wall, "naive_deploy_cpu": naive_deploy_cpu}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
