@@ -22,13 +22,23 @@ from typing import Dict, List, Optional
 from .inventory import Device
 
 STAND_IN_RECORDER = '''#!{python}
-"""Stand-in for {name}: writes a growing file until -t milliseconds pass or SIGINT arrives."""
-import signal, sys, time
+"""Stand-in for {name}: writes a growing file until -t milliseconds pass or SIGINT arrives.
+
+It records the arguments it was started with in OUTPUT.args.json, so the flags
+a handler passes can be checked, and ignores SIGINT when STAND_IN_IGNORE_SIGINT
+is set (a recorder that has to be stopped harder).
+"""
+import json, os, signal, sys, time
 args = sys.argv[1:]
 out = args[args.index("-o") + 1]
 millis = int(args[args.index("-t") + 1])
+with open(out + ".args.json", "w") as record:
+    json.dump({{"name": os.path.basename(sys.argv[0]), "args": args}}, record)
 stop = []
-signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+if os.environ.get("STAND_IN_IGNORE_SIGINT"):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+else:
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
 deadline = time.monotonic() + millis / 1000.0 if millis else None
 with open(out, "ab") as video:
     while not stop and (deadline is None or time.monotonic() < deadline):

@@ -1,41 +1,20 @@
 """The handlers that ship in handlers/, deployed through a real agent's update_handler.
 
-The camera tests put stand-in recorder programs on PATH under each of the
-three names the handler looks for. A stand-in writes a growing file, records
-the arguments it was given, and stops on SIGINT (or, when told to, ignores
-SIGINT so the handler has to escalate to SIGTERM).
+The camera tests put the stand-in recorder (``fleet.local``) on PATH under
+each of the three names the handler looks for. It writes a growing file,
+records the arguments it was given, and stops on SIGINT (or, when told to,
+ignores SIGINT so the handler has to escalate to SIGTERM).
 """
 
 import json
-import sys
 
 import pytest
 
-from conftest import REPO, wait_until
+from conftest import REPO
+from fleet.local import install_stand_in_recorder
 
 CAMERA = (REPO / "handlers" / "camera_handlers.py").read_text()
 SYSTEM = (REPO / "handlers" / "system_handlers.py").read_text()
-
-STAND_IN = '''#!{python}
-import json, os, signal, sys, time
-args = sys.argv[1:]
-out = args[args.index("-o") + 1]
-millis = int(args[args.index("-t") + 1])
-with open(out + ".args.json", "w") as f:
-    json.dump({{"name": os.path.basename(sys.argv[0]), "args": args}}, f)
-stop = []
-if os.environ.get("STAND_IN_IGNORE_SIGINT"):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-else:
-    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
-deadline = time.monotonic() + millis / 1000.0 if millis else None
-with open(out, "ab") as video:
-    while not stop and (deadline is None or time.monotonic() < deadline):
-        video.write(b"\\0" * 1024)
-        video.flush()
-        time.sleep(0.01)
-'''
-
 
 @pytest.fixture
 def camera_env(tmp_path, monkeypatch):
@@ -47,9 +26,7 @@ def camera_env(tmp_path, monkeypatch):
     monkeypatch.setenv("PI_AGENT_RECORDINGS", str(recordings))
 
     def install(name="rpicam-vid"):
-        path = bin_dir / name
-        path.write_text(STAND_IN.format(python=sys.executable))
-        path.chmod(0o755)
+        install_stand_in_recorder(bin_dir, name)
 
     install.recordings = recordings
     return install
