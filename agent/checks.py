@@ -24,7 +24,7 @@ import keyword
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Set
+from typing import Any, Dict, Iterable, List, Optional, Set
 
 from .errors import BadRequest
 
@@ -294,7 +294,8 @@ class _Scanner(ast.NodeVisitor):
         for part in node.handlers + node.orelse + node.finalbody:
             self.visit(part)
 
-    visit_TryStar = visit_Try
+    def visit_TryStar(self, node: Any) -> None:  # except* (3.11+): same rules
+        self.visit_Try(node)
 
     def visit_AsyncFunctionDef(self, node: ast.AsyncFunctionDef) -> None:
         self._async_depth += 1

@@ -10,7 +10,7 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 from .protocol import DEFAULT_MAX_LINE_BYTES
 
@@ -107,9 +107,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def read_token(token_file: Optional[str], environ: Optional[dict] = None) -> Optional[str]:
+def read_token(token_file: Optional[str], environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """The token from ``--token-file`` (first line, stripped) or from the environment."""
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     if token_file:
         try:
             text = Path(token_file).read_text(encoding="utf-8")
@@ -119,5 +119,5 @@ def read_token(token_file: Optional[str], environ: Optional[dict] = None) -> Opt
         if not token:
             raise ConfigError(f"token file {token_file} is empty")
         return token
-    token = environ.get(TOKEN_ENV)
-    return token if token else None
+    from_env = env.get(TOKEN_ENV)
+    return from_env if from_env else None

@@ -102,13 +102,14 @@ class Deployer:
         if source is None:
             return
         version = sha256_hex(source)
-        modified = good is not None and sha256_hex(good) != version
+        good_version = sha256_hex(good) if good is not None else None
+        modified = good_version is not None and good_version != version
         if modified:
             self.integrity[name] = {
                 "file": f"{name}.py",
                 "status": "modified",
                 "detail": f"handlers/{name}.py differs from the version last deployed through the agent "
-                          f"(found {version[:12]}, expected {sha256_hex(good)[:12]}): edited by hand, "
+                          f"(found {version[:12]}, expected {str(good_version)[:12]}): edited by hand, "
                           "corrupted, or written by an interrupted deploy",
             }
             log.warning("%s", self.integrity[name]["detail"])

@@ -71,7 +71,7 @@ class LineReader:
             self._tail += pieces[0]
             pieces[0] = bytes(self._tail)
         self._tail = bytearray(pieces.pop())
-        lines = []
+        lines: List[bytes] = []
         for line in pieces:
             if len(line) > self.max_line_bytes:
                 self._overflow()

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 from .inventory import Device
 
@@ -78,8 +78,8 @@ class LocalAgents:
         self.base = base
         self.agents: Dict[str, LocalAgent] = {}
 
-    def start(self, device_id: str, *, env: Optional[Dict[str, str]] = None, extra: List[str] = (),
-              name: str = "", tags: tuple = ()) -> LocalAgent:
+    def start(self, device_id: str, *, env: Optional[Dict[str, str]] = None, extra: Sequence[str] = (),
+              name: str = "", tags: Tuple[str, ...] = ()) -> LocalAgent:
         root = self.base / device_id
         root.mkdir(parents=True, exist_ok=True)
         log = open(root / "agent.log", "ab")

@@ -41,7 +41,7 @@ class Amount:
     percent: bool = False
 
     @classmethod
-    def parse(cls, raw: Union[str, int, "Amount"], what: str) -> "Amount":
+    def parse(cls, raw: Union[str, int, "Amount", None], what: str) -> "Amount":
         if isinstance(raw, Amount):
             return raw
         if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
@@ -63,9 +63,10 @@ class Amount:
 @dataclass(frozen=True)
 class RolloutPlan:
     canary: int = 1
-    batch: Amount = Amount(25, percent=True)
-    max_failures: Amount = Amount(0)
-    max_unreachable: Optional[Amount] = None  # None: offline devices never halt the rollout
+    # Counts or percentages: 10, "10", "25%" or an Amount; normalised to Amount on creation.
+    batch: Union[Amount, str, int] = Amount(25, percent=True)
+    max_failures: Union[Amount, str, int] = Amount(0)
+    max_unreachable: Union[Amount, str, int, None] = None  # None: offline devices never halt the rollout
     verify: Optional[str] = None
     verify_args: Dict[str, Any] = field(default_factory=dict)
     rollback_on_failure: bool = False
@@ -80,10 +81,24 @@ class RolloutPlan:
         object.__setattr__(self, "max_failures", Amount.parse(self.max_failures, "max-failures"))
         if self.max_unreachable is not None:
             object.__setattr__(self, "max_unreachable", Amount.parse(self.max_unreachable, "max-unreachable"))
-        if self.batch.value <= 0:
+        if self.batch_amount.value <= 0:
             raise ConfigError("batch must be at least 1 device or more than 0%")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError("timeout must be a positive number of seconds")
+
+    # Typed views of the fields above (which __post_init__ has already turned into Amounts).
+
+    @property
+    def batch_amount(self) -> Amount:
+        return Amount.parse(self.batch, "batch")
+
+    @property
+    def failure_limit(self) -> Amount:
+        return Amount.parse(self.max_failures, "max-failures")
+
+    @property
+    def unreachable_limit(self) -> Optional[Amount]:
+        return None if self.max_unreachable is None else Amount.parse(self.max_unreachable, "max-unreachable")
 
 
 @dataclass
@@ -209,7 +224,7 @@ class Rollout:
     def _waves(self, candidates: List[str]) -> List[List[str]]:
         canary = candidates[:self.plan.canary]
         rest = candidates[self.plan.canary:]
-        size = max(1, self.plan.batch.of(len(self.targets)))
+        size = max(1, self.plan.batch_amount.of(len(self.targets)))
         waves = [canary] if canary else []
         waves += [rest[i:i + size] for i in range(0, len(rest), size)]
         return waves
@@ -218,11 +233,12 @@ class Rollout:
         total = len(self.targets)
         failures = sum(r.status in (Status.FAILED, Status.TIMEOUT) for r in self.results.values())
         unreachable = sum(r.status is Status.UNREACHABLE for r in self.results.values())
-        allowed = self.plan.max_failures.of(total)
+        allowed = self.plan.failure_limit.of(total)
         if failures > allowed:
             return f"{failures} device(s) failed, more than max-failures {self.plan.max_failures} allows ({allowed})"
-        if self.plan.max_unreachable is not None:
-            allowed = self.plan.max_unreachable.of(total)
+        limit = self.plan.unreachable_limit
+        if limit is not None:
+            allowed = limit.of(total)
             if unreachable > allowed:
                 return (f"{unreachable} device(s) unreachable, more than max-unreachable "
                         f"{self.plan.max_unreachable} allows ({allowed})")
