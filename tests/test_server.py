@@ -176,3 +176,25 @@ async def test_large_reply_arrives_whole(start_agent, connect):
     client = await connect(await start_agent(handlers={"big": big}))
     reply = await client.call("big")
     assert len(reply["blob"]) == 5 * 1024 * 1024
+
+
+async def test_1000_connections_opened_at_once_are_all_answered(start_agent):
+    # The system the seed documents answered 313 of these in time (listen(5), a thread each).
+    agent = await start_agent(max_connections=1100)
+    opened = await asyncio.gather(*(asyncio.open_connection(*agent.address) for _ in range(1000)))
+    for n, (_, writer) in enumerate(opened):
+        writer.write(json.dumps({"command": "ping", "id": n}).encode() + b"\n")
+    replies = await asyncio.gather(*(asyncio.wait_for(reader.readline(), 30) for reader, _ in opened))
+    assert [json.loads(r)["id"] for r in replies] == list(range(1000))
+    for _, writer in opened:
+        writer.close()
+
+
+async def test_a_utf8_character_split_across_two_writes_is_read_whole(start_agent, connect):
+    agent = await start_agent(handlers={"basic": scripted("basic")})
+    client = await connect(agent)
+    line = json.dumps({"command": "echo", "text": "Zürich ✓"}, ensure_ascii=False).encode() + b"\n"
+    cut = line.index("✓".encode()) + 1
+    await client.send_raw(line[:cut])
+    await client.send_raw(line[cut:])
+    assert (await client.reply())["echo"] == {"text": "Zürich ✓"}
