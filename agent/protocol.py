@@ -62,6 +62,12 @@ class LineReader:
     def feed(self, data: bytes) -> List[bytes]:
         if self.overflowed:
             return []
+        if not self._tail and data.endswith(b"\n") and data.count(b"\n") == 1:  # the usual case: one whole line
+            if len(data) > self.max_line_bytes + 1:
+                self._overflow()
+                return []
+            line = data[:-2] if data.endswith(b"\r\n") else data[:-1]
+            return [line] if line.strip() else []
         if b"\n" not in data:
             self._tail += data
             self._check_tail()
@@ -191,7 +197,7 @@ def encode_message(message: Dict[str, Any]) -> bytes:
 
 def decode_message(line: bytes) -> Dict[str, Any]:
     """Client side: one reply line to a dict. Raises ``ValueError`` if it is not a JSON object."""
-    obj = _decode(line.decode("utf-8"))
+    obj = json.loads(line)  # bytes in: UTF-8 is decoded (and checked) by json itself
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {_json_type(obj)}")
     return obj

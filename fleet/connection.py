@@ -19,11 +19,12 @@ import json
 import logging
 import random
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from agent.protocol import LineReader, decode_message, encode_message
 
-from .errors import CommandTimeout, DeviceUnreachable, ProtocolError
+from .errors import CommandTimeout, DeviceError, DeviceUnreachable, ProtocolError
 from .inventory import Device
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,61 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 
 MessageCallback = Callable[[str, Dict[str, Any]], None]
+ReplyCallback = Callable[[Optional[Dict[str, Any]], Optional[DeviceError]], None]
+
+
+def _settle(future: "asyncio.Future[Dict[str, Any]]") -> ReplyCallback:
+    """A reply callback that completes ``future`` (unless its awaiter gave up on it)."""
+    def callback(reply: Optional[Dict[str, Any]], error: Optional[DeviceError]) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            assert reply is not None  # the contract: a reply or an error, never neither
+            future.set_result(reply)
+    return callback
 
 
 def encode_body(message: Dict[str, Any]) -> bytes:
     """A request as bytes, without ``id`` and ``token`` (each connection adds its own)."""
     return encode_message({k: v for k, v in message.items() if k not in ("id", "token")})
+
+
+class DeadlineQueue:
+    """Time limits for many requests that share one timeout, kept with one timer instead of one each.
+
+    A fan-out sends requests in order and gives them all the same limit, so
+    their deadlines arrive already sorted: the one timer waits for the oldest,
+    expires whatever is due, and waits for the next. A request that was
+    answered in time is simply no longer pending when its deadline comes.
+    """
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._loop = asyncio.get_running_loop()
+        self._queue: Deque[Tuple[float, "DeviceConnection", str, str]] = deque()
+        self._timer: Optional[asyncio.TimerHandle] = None
+
+    def add(self, connection: "DeviceConnection", request_id: str, command: str) -> None:
+        self._queue.append((self._loop.time() + self.limit, connection, request_id, command))
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._queue[0][0], self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        while self._queue and self._queue[0][0] <= now:
+            _, connection, request_id, command = self._queue.popleft()
+            connection._expire(request_id, command, self.limit)
+        if self._queue:
+            self._timer = self._loop.call_at(self._queue[0][0], self._fire)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._queue.clear()
 
 
 class _DeviceLogger(logging.LoggerAdapter):
@@ -84,7 +135,7 @@ class DeviceConnection:
         self.on_message = on_message
         self.log = _DeviceLogger(log, {"device": device.id})
         self._transport: Optional[asyncio.Transport] = None
-        self._pending: Dict[Any, Tuple[asyncio.Future, asyncio.TimerHandle]] = {}
+        self._pending: Dict[Any, Tuple[ReplyCallback, Optional[asyncio.TimerHandle]]] = {}
         self._token_field = f',"token":{json.dumps(device.token)}' if device.token is not None else None
         self._connecting: Optional[asyncio.Future] = None
         self._closed = False
@@ -144,9 +195,20 @@ class DeviceConnection:
     def start_request(self, body: bytes, command: str, timeout: Optional[float] = None) -> "asyncio.Future[Dict[str, Any]]":
         """Send a request encoded by ``encode_body`` now; the future gets the reply or a ``DeviceError``.
 
-        The connection must be open. This is the fan-out fast path: the body is
-        encoded once for the whole fleet, and only this device's ``id`` and
-        token are spliced in front of it.
+        The connection must be open. The body is encoded once for the whole
+        fleet; only this device's ``id`` and token are spliced in front of it.
+        """
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.send_with_callback(body, command, _settle(future), timeout)
+        return future
+
+    def send_with_callback(self, body: bytes, command: str, callback: ReplyCallback,
+                           timeout: Optional[float] = None, deadlines: Optional[DeadlineQueue] = None) -> None:
+        """The fan-out fast path: ``callback(reply, None)`` or ``callback(None, error)`` exactly once.
+
+        No future and no task: the reply is handed over from ``data_received``.
+        With ``deadlines``, the time limit is that queue's, shared with the rest
+        of the fan-out; otherwise the request gets a timer of its own.
         """
         if not self.connected:
             raise DeviceUnreachable(self.device.id, self.last_error or "not connected")
@@ -154,18 +216,20 @@ class DeviceConnection:
         request_id = f"f{next(self._ids)}"
         head = f'{{"id":"{request_id}"' + (self._token_field or "")
         data = head.encode() + (b"," + body[1:] if len(body) > 3 else b"}\n")
-        future: asyncio.Future = loop.create_future()
-        limit = self.request_timeout if timeout is None else timeout
-        expiry = loop.call_later(limit, self._expire, request_id, command, limit)
-        self._pending[request_id] = (future, expiry)
+        expiry: Optional[asyncio.TimerHandle] = None
+        if deadlines is not None:
+            deadlines.add(self, request_id, command)
+        else:
+            limit = self.request_timeout if timeout is None else timeout
+            expiry = loop.call_later(limit, self._expire, request_id, command, limit)
+        self._pending[request_id] = (callback, expiry)
         assert self._transport is not None
         self._transport.write(data)
-        return future
 
     def _expire(self, request_id: str, command: str, limit: float) -> None:
         entry = self._pending.pop(request_id, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_exception(CommandTimeout(self.device.id, f"no reply to {command!r} within {limit:g} s"))
+        if entry is not None:
+            entry[0](None, CommandTimeout(self.device.id, f"no reply to {command!r} within {limit:g} s"))
 
     def _on_line(self, line: bytes) -> None:
         try:
@@ -176,10 +240,10 @@ class DeviceConnection:
         self.last_reply_at = time.monotonic()
         entry = self._pending.pop(reply.get("id"), None)
         if entry is not None:
-            future, expiry = entry
-            expiry.cancel()
-            if not future.done():
-                future.set_result(reply)
+            callback, expiry = entry
+            if expiry is not None:
+                expiry.cancel()
+            callback(reply, None)
         elif self.on_message is not None:
             self.on_message(self.device.id, reply)
 
@@ -197,12 +261,12 @@ class DeviceConnection:
             self.last_error = f"connection lost: {exc}" if exc else "connection closed by the device"
         self._fail_pending(DeviceUnreachable(self.device.id, self.last_error or "connection closed"))
 
-    def _fail_pending(self, error: Exception) -> None:
+    def _fail_pending(self, error: DeviceError) -> None:
         pending, self._pending = self._pending, {}
-        for future, expiry in pending.values():
-            expiry.cancel()
-            if not future.done():
-                future.set_exception(error)
+        for callback, expiry in pending.values():
+            if expiry is not None:
+                expiry.cancel()
+            callback(None, error)
 
     async def _keep_alive(self) -> None:
         """Heartbeat while connected; reconnect with backoff and jitter after a drop."""

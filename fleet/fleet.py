@@ -22,7 +22,7 @@ import time
 from collections import deque
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Sequence
 
-from .connection import DeviceConnection, MessageCallback, encode_body
+from .connection import DeadlineQueue, DeviceConnection, MessageCallback, encode_body
 from .errors import CommandTimeout, DeviceError, DeviceUnreachable, UnknownDevice
 from .inventory import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, Device, Inventory
 from .results import DeviceResult, Status
@@ -116,23 +116,25 @@ class Fleet:
         finished = loop.create_future()
         queue = deque(connections)
         in_flight = 0
+        deadlines = DeadlineQueue(self.request_timeout if timeout is None else timeout)
 
         def launch() -> None:
             nonlocal in_flight
             while queue and in_flight < self.concurrency:
                 conn = queue.popleft()
                 in_flight += 1
-                started = time.perf_counter()
+                finish = functools.partial(done, conn.device.id, time.perf_counter())
                 if conn.connected:
-                    future = conn.start_request(body, name, timeout)
-                else:
-                    future = asyncio.ensure_future(conn.request(command, timeout))
-                future.add_done_callback(functools.partial(done, conn.device.id, started))
+                    conn.send_with_callback(body, name, finish, deadlines=deadlines)
+                else:  # connect first, then the same path
+                    task = asyncio.ensure_future(conn.request(command, timeout))
+                    task.add_done_callback(functools.partial(_task_outcome, conn.device.id, finish))
 
-        def done(device_id: str, started: float, future: "asyncio.Future[Dict[str, Any]]") -> None:
+        def done(device_id: str, started: float, reply: Optional[Dict[str, Any]],
+                 error: Optional[BaseException]) -> None:
             nonlocal in_flight
             in_flight -= 1
-            result = classify(device_id, future)
+            result = _failed(device_id, error) if error is not None else _replied(device_id, reply)
             result.seconds = time.perf_counter() - started
             results[device_id] = result
             try:
@@ -146,7 +148,10 @@ class Fleet:
 
         if ids:
             launch()
-            await finished
+            try:
+                await finished
+            finally:
+                deadlines.close()
         return {device_id: results[device_id] for device_id in ids}
 
     def connection_status(self) -> Dict[str, Dict[str, Any]]:
@@ -223,20 +228,21 @@ async def attempt(awaitable: Awaitable[Any], device_id: str) -> DeviceResult:
     return _replied(device_id, reply)
 
 
-def classify(device_id: str, future: "asyncio.Future[Any]") -> DeviceResult:
-    """How a finished request future ended, as a result (the callback twin of ``attempt``)."""
-    if future.cancelled():
-        return DeviceResult(device_id, Status.FAILED, error="cancelled", code="cancelled")
-    exc = future.exception()
-    if isinstance(exc, DeviceError):
-        return _failed(device_id, exc)
-    if exc is not None:  # a bug on our side: report it on this device, keep the others going
+def _task_outcome(device_id: str, finish: Callable[[Optional[Dict[str, Any]], Optional[BaseException]], None],
+                  task: "asyncio.Future[Dict[str, Any]]") -> None:
+    """Hand a finished request task to a reply callback."""
+    if task.cancelled():
+        finish(None, DeviceError(device_id, "cancelled"))
+    elif task.exception() is not None:
+        finish(None, task.exception())
+    else:
+        finish(task.result(), None)
+
+
+def _failed(device_id: str, exc: BaseException) -> DeviceResult:
+    if not isinstance(exc, DeviceError):  # a bug on our side: report it on this device, keep the others going
         log.error("request to %s failed unexpectedly", device_id, exc_info=exc)
         return DeviceResult(device_id, Status.FAILED, error=f"internal error: {exc!r}", code="internal_error")
-    return _replied(device_id, future.result())
-
-
-def _failed(device_id: str, exc: DeviceError) -> DeviceResult:
     if isinstance(exc, CommandTimeout):
         return DeviceResult(device_id, Status.TIMEOUT, error=exc.message, code="timeout")
     if isinstance(exc, DeviceUnreachable):

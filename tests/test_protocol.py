@@ -111,3 +111,10 @@ def test_encode_refuses_nan_and_round_trips_unicode():
     assert decode_message(data) == {"text": "ü"}
     with pytest.raises(ValueError):
         decode_message(b"[1]")
+
+
+def test_single_line_chunks_over_the_limit_crlf_and_blank():
+    reader = LineReader(10)
+    assert reader.feed(b"x" * 9 + b"\r\n") == [b"x" * 9]
+    assert reader.feed(b"  \n") == []
+    assert reader.feed(b"x" * 11 + b"\n") == [] and reader.overflowed
