@@ -9,8 +9,9 @@ then for N = 10, 100 and 1,000 of them measures, in this one run:
   epoll loop (no framing, no JSON parsing, no asyncio), which shows how fast
   the agents themselves can answer on this machine, whatever the controller;
 - a full rollout of the camera handler (``deploy``: preflight, canary, batches,
-  command check), and the naive loop (connect, send update_handler, wait,
-  close), each pushing a version the devices do not have yet.
+  command check; the median of three rollouts), and the naive loop (connect,
+  send update_handler, wait, close), each pushing a version the devices do not
+  have yet.
 
 Wall time and this process's CPU time (the controller's) are printed side by
 side. The machine is shared and noisy: read the ratios.
@@ -172,11 +173,15 @@ def run_size(n: int, ports: List[int], base: Path) -> dict:
             results = await fleet.send_all({"command": "ping"})
             ping = (time.perf_counter() - wall, time.process_time() - cpu)
             assert all(r.status is Status.OK for r in results.values()), "a ping failed"
-            path = handler_file(base, f"fleet-{n}")
-            wall, cpu = time.perf_counter(), time.process_time()
-            report = await deploy(fleet, path, plan=RolloutPlan(canary=1, batch="25%", probation=False))
-            deployed = (time.perf_counter() - wall, time.process_time() - cpu)
-            assert report.ok, [r.as_dict() for r in report.results.values() if r.status is not Status.OK][:2]
+            # Three rollouts, each of a version the devices do not have yet; the median is reported.
+            runs = []
+            for attempt in range(3):
+                path = handler_file(base, f"fleet-{n}-{attempt}")
+                wall, cpu = time.perf_counter(), time.process_time()
+                report = await deploy(fleet, path, plan=RolloutPlan(canary=1, batch="25%", probation=False))
+                runs.append((time.perf_counter() - wall, time.process_time() - cpu))
+                assert report.ok, [r.as_dict() for r in report.results.values() if r.status is not Status.OK][:2]
+            deployed = sorted(runs)[1]
             return ping, deployed
 
     (ping_wall, ping_cpu), (deploy_wall, deploy_cpu) = asyncio.run(fleet_run())
