@@ -195,6 +195,24 @@ def encode_message(message: Dict[str, Any]) -> bytes:
     return (_encoder.encode(message) + "\n").encode("utf-8")
 
 
+def encode_shared_request(message: Dict[str, Any]) -> bytes:
+    """A request for many devices, encoded once, without ``id`` and ``token``.
+
+    ``address_request`` then gives each device its own copy with its own
+    ``id`` and token in front, without encoding the (possibly large) body again.
+    """
+    return encode_message({k: v for k, v in message.items() if k not in ("id", "token")})
+
+
+def address_request(shared: bytes, request_id: str, token: Union[str, None] = None) -> bytes:
+    """``shared`` (from ``encode_shared_request``) with ``id`` and, if given, ``token`` spliced in."""
+    head = '{"id":' + _encoder.encode(request_id)
+    if token is not None:
+        head += ',"token":' + _encoder.encode(token)
+    rest = shared[1:]  # what followed the opening brace: '"command":...}\n', or '}\n' for an empty request
+    return head.encode("utf-8") + (rest if rest == b"}\n" else b"," + rest)
+
+
 def decode_message(line: bytes) -> Dict[str, Any]:
     """Client side: one reply line to a dict. Raises ``ValueError`` if it is not a JSON object."""
     obj = json.loads(line)  # bytes in: UTF-8 is decoded (and checked) by json itself
@@ -212,8 +230,10 @@ __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
     "LineReader",
     "Request",
+    "address_request",
     "decode_message",
     "encode_message",
+    "encode_shared_request",
     "error_line",
     "finish_reply",
     "parse_request",

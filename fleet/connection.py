@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import random
 import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
-from agent.protocol import LineReader, decode_message, encode_message
+from agent.protocol import LineReader, address_request, decode_message, encode_shared_request
 
 from .errors import CommandTimeout, DeviceError, DeviceUnreachable, ProtocolError
 from .inventory import Device
@@ -51,11 +50,6 @@ def _settle(future: "asyncio.Future[Dict[str, Any]]") -> ReplyCallback:
             assert reply is not None  # the contract: a reply or an error, never neither
             future.set_result(reply)
     return callback
-
-
-def encode_body(message: Dict[str, Any]) -> bytes:
-    """A request as bytes, without ``id`` and ``token`` (each connection adds its own)."""
-    return encode_message({k: v for k, v in message.items() if k not in ("id", "token")})
 
 
 class DeadlineQueue:
@@ -136,7 +130,6 @@ class DeviceConnection:
         self.log = _DeviceLogger(log, {"device": device.id})
         self._transport: Optional[asyncio.Transport] = None
         self._pending: Dict[Any, Tuple[ReplyCallback, Optional[asyncio.TimerHandle]]] = {}
-        self._token_field = f',"token":{json.dumps(device.token)}' if device.token is not None else None
         self._connecting: Optional[asyncio.Future] = None
         self._closed = False
         self._background: Optional[asyncio.Task] = None
@@ -190,10 +183,10 @@ class DeviceConnection:
         if self._closed:
             raise DeviceUnreachable(self.device.id, "connection closed")
         await self.connect()
-        return await self.start_request(encode_body(message), str(message.get("command")), timeout)
+        return await self.start_request(encode_shared_request(message), str(message.get("command")), timeout)
 
     def start_request(self, body: bytes, command: str, timeout: Optional[float] = None) -> "asyncio.Future[Dict[str, Any]]":
-        """Send a request encoded by ``encode_body`` now; the future gets the reply or a ``DeviceError``.
+        """Send a request encoded by ``encode_shared_request`` now; the future gets the reply or a ``DeviceError``.
 
         The connection must be open. The body is encoded once for the whole
         fleet; only this device's ``id`` and token are spliced in front of it.
@@ -214,8 +207,7 @@ class DeviceConnection:
             raise DeviceUnreachable(self.device.id, self.last_error or "not connected")
         loop = asyncio.get_running_loop()
         request_id = f"f{next(self._ids)}"
-        head = f'{{"id":"{request_id}"' + (self._token_field or "")
-        data = head.encode() + (b"," + body[1:] if len(body) > 3 else b"}\n")
+        data = address_request(body, request_id, self.device.token)
         expiry: Optional[asyncio.TimerHandle] = None
         if deadlines is not None:
             deadlines.add(self, request_id, command)

@@ -22,7 +22,9 @@ import time
 from collections import deque
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Sequence
 
-from .connection import DeadlineQueue, DeviceConnection, MessageCallback, encode_body
+from agent.protocol import encode_shared_request
+
+from .connection import DeadlineQueue, DeviceConnection, MessageCallback
 from .errors import CommandTimeout, DeviceError, DeviceUnreachable, UnknownDevice
 from .inventory import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, Device, Inventory
 from .results import DeviceResult, Status
@@ -88,7 +90,7 @@ class Fleet:
 
     async def send_encoded(self, device_id: str, body: bytes, command: str, *,
                            timeout: Optional[float] = None) -> Dict[str, Any]:
-        """``send`` for a request already encoded with ``encode_body``: for one request sent to many devices."""
+        """``send`` for a request already encoded with ``encode_shared_request``: for one request sent to many devices."""
         conn = self._connection(device_id)
         await conn.connect()
         return await conn.start_request(body, command, timeout)
@@ -109,7 +111,7 @@ class Fleet:
         """
         ids = list(targets) if targets is not None else list(self._connections)
         connections = [self._connection(device_id) for device_id in ids]
-        body = encode_body(command)
+        body = encode_shared_request(command)
         name = str(command.get("command"))
         loop = asyncio.get_running_loop()
         results: Dict[str, DeviceResult] = {}

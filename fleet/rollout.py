@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from .connection import encode_body
+from agent.protocol import encode_shared_request
+
 from .errors import ConfigError
 from .fleet import Fleet, ResultCallback, attempt
 from .results import DeviceResult, Status
@@ -166,10 +167,10 @@ class Rollout:
         self.results: Dict[str, DeviceResult] = {}
         self.old_versions: Dict[str, Optional[str]] = {}
         # Encoded once for the whole fleet: the code is the bulk of every push.
-        self._push_body = encode_body({"command": "update_handler", "filename": filename, "code": code,
+        self._push_body = encode_shared_request({"command": "update_handler", "filename": filename, "code": code,
                                        "sha256": self.version, "dry_run": plan.dry_run, "probation": plan.probation})
-        self._list_body = encode_body({"command": "list_commands"})
-        self._verify_body = encode_body({**plan.verify_args, "command": plan.verify}) if plan.verify else b""
+        self._list_body = encode_shared_request({"command": "list_commands"})
+        self._verify_body = encode_shared_request({**plan.verify_args, "command": plan.verify}) if plan.verify else b""
 
     async def run(self) -> RolloutReport:
         started = time.perf_counter()

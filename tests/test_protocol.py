@@ -118,3 +118,16 @@ def test_single_line_chunks_over_the_limit_crlf_and_blank():
     assert reader.feed(b"x" * 9 + b"\r\n") == [b"x" * 9]
     assert reader.feed(b"  \n") == []
     assert reader.feed(b"x" * 11 + b"\n") == [] and reader.overflowed
+
+
+def test_a_shared_request_addressed_to_each_device():
+    import json as _json
+
+    from agent.protocol import address_request, encode_shared_request
+
+    shared = encode_shared_request({"command": "update_handler", "code": "x = '\"'\n", "id": "drop", "token": "t"})
+    one = _json.loads(address_request(shared, "f1", 'to"ken'))
+    assert one == {"id": "f1", "token": 'to"ken', "command": "update_handler", "code": "x = '\"'\n"}
+    assert _json.loads(address_request(shared, "f2")) == {"id": "f2", "command": "update_handler", "code": "x = '\"'\n"}
+    assert _json.loads(address_request(encode_shared_request({}), "f3")) == {"id": "f3"}
+    assert address_request(shared, "f1").endswith(b"\n")
