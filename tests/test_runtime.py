@@ -26,12 +26,16 @@ async def test_a_module_that_fails_to_load_is_reported_and_the_rest_still_load(s
         "basic": scripted("basic"),
         "raises_at_import": scripted("raises_at_import"),
         "exits_at_import": "import sys\nsys.exit(1)\n",
+        # Loaded in-process, this would end the agent (and this test run): startup imports
+        # every file in the isolated import test first.
+        "kills_at_import": "import os\nos._exit(3)\n",
         "bad_syntax": "def handle_x(:\n",
     })
     client = await connect(agent)
     assert (await client.call("echo"))["success"] is True
     failed = {f["file"]: f["error"] for f in (await client.call("get_status"))["failed_modules"]}
-    assert set(failed) == {"raises_at_import.py", "exits_at_import.py", "bad_syntax.py"}
+    assert set(failed) == {"raises_at_import.py", "exits_at_import.py", "kills_at_import.py", "bad_syntax.py"}
+    assert "exit status 3" in failed["kills_at_import.py"]
     assert "no config file" in failed["raises_at_import.py"]
     assert "sys.exit" in failed["exits_at_import.py"]
 
