@@ -136,7 +136,9 @@ class Dispatcher:
             handler = self.registry.table.get(request.command)
             if handler is None:
                 raise UnknownCommand(self._unknown_message(request.command))
-            return self._run_handler(handler, request)
+            # Checked before the call is counted: a client's bad argument is not the module's failure.
+            timeout = self._timeout_for(request)
+            return self._run_handler(handler, request, timeout)
         except AgentError as exc:
             return error_line(exc, request.id, request.has_id)
         except Exception as exc:  # a bug in a quick built-in: report it, keep serving
@@ -168,13 +170,12 @@ class Dispatcher:
             return self._internal_error(exc, request)
         return self._encode(reply, request)
 
-    async def _run_handler(self, handler: Handler, request: Request) -> bytes:
+    async def _run_handler(self, handler: Handler, request: Request, timeout: float) -> bytes:
         stats = self.stats.setdefault(handler.command, CommandStats())
         stats.calls += 1
         started = time.perf_counter()
         error: Optional[AgentError] = None
         try:
-            timeout = self._timeout_for(request)
             args = dict(request.args)
             args.pop("token", None)  # handlers never see the secret
             if handler.is_async:
@@ -190,7 +191,7 @@ class Dispatcher:
         except asyncio.TimeoutError:
             stats.timeouts += 1
             error = Timeout(
-                f"handler for {handler.command!r} did not finish within {self._timeout_for_log(request)} s"
+                f"handler for {handler.command!r} did not finish within {timeout:g} s"
             )
         except AgentError as exc:
             error = exc
@@ -246,12 +247,6 @@ class Dispatcher:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise BadRequest(f"'timeout' must be a positive number of seconds, got {value!r}")
         return min(float(value), self.handler_timeout)
-
-    def _timeout_for_log(self, request: Request) -> float:
-        try:
-            return self._timeout_for(request)
-        except AgentError:
-            return self.handler_timeout
 
     def _encode(
         self, reply: Reply, request: Request, *, strict: bool = False, command: str = ""

@@ -144,3 +144,18 @@ async def test_kill_9_during_deploys_never_leaves_a_truncated_file(tmp_path, spa
     (module,) = (await client.call("get_status"))["modules"]
     assert module["sha256"] in valid
     await client.close()
+
+
+async def test_a_clients_bad_arguments_are_not_held_against_the_module(start_agent, connect):
+    # A malformed 'timeout' is the client's mistake: it must not count as a handler failure,
+    # neither in handler_stats nor towards probation's automatic rollback.
+    agent = await start_agent(probation_failures=2)
+    client = await connect(agent)
+    await deploy(client, "ver.py", version_module(1))
+    await deploy(client, "ver.py", version_module(2))
+    for bad in ("soon", -1, 0):
+        assert (await client.call("version", timeout=bad))["code"] == "bad_request"
+    assert agent.deployer.auto_rollbacks == []
+    assert (await client.call("version"))["version"] == 2
+    stats = (await client.call("handler_stats"))["stats"]["version"]
+    assert stats["calls"] == 1 and stats["errors"] == 0
