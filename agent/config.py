@@ -93,10 +93,6 @@ class AgentConfig:
     def backups_dir(self) -> Path:
         return self.root / ".backups"
 
-    @property
-    def state_dir(self) -> Path:
-        return self.root / ".state"
-
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":

@@ -113,10 +113,6 @@ class Request:
     id: RequestId = None
     has_id: bool = False
 
-    @property
-    def token(self) -> Any:
-        return self.args.get("token")
-
 
 def request_id_of(line: bytes) -> tuple:
     """Best effort: the ``id`` of a line that failed to parse as a request.

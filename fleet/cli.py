@@ -172,10 +172,8 @@ def exit_code(results: Sequence[DeviceResult]) -> int:
 
 
 async def cmd_status(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
-    statuses = await fleet.send_all({"command": "get_status"}, ids, timeout=args.timeout)
+    statuses, last = await fleet.status(ids, timeout=args.timeout)
     reachable = [i for i in ids if statuses[i].status is Status.OK]
-    logs = await fleet.send_all({"command": "update_log", "limit": 1}, reachable, timeout=args.timeout)
-    last = {i: ((logs[i].reply or {}).get("entries") or [None])[0] for i in reachable}
     drift = tables.drifted({i: statuses[i] for i in reachable})
     devices = [inventory.get(i) for i in ids]
     document = {"devices": [

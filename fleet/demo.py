@@ -154,10 +154,7 @@ async def _rollout(inventory_path: Path) -> int:
         say(", ".join(f"{n} {s}" for s, n in sorted(again.counts().items())))
 
         heading("fleet status")
-        statuses = await fleet.send_all({"command": "get_status"}, ids)
-        reachable = [d for d in ids if statuses[d].status is Status.OK]
-        logs = await fleet.send_all({"command": "update_log", "limit": 1}, reachable)
-        last = {d: ((logs[d].reply or {}).get("entries") or [None])[0] for d in reachable}
+        statuses, last = await fleet.status(ids)
         say(tables.status_table(inventory.devices, statuses, last))
     heading("Stopping the agents and removing the demo folder")
     say("Next: run agents on your Pis (README: 'Installing the agent on a Pi'), list them in devices.json,\n"

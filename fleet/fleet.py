@@ -20,7 +20,7 @@ import functools
 import logging
 import time
 from collections import deque
-from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from agent.protocol import encode_shared_request
 
@@ -82,7 +82,14 @@ class Fleet:
     async def connect(self, device_id: Optional[str] = None) -> Dict[str, DeviceResult]:
         """Connect one device, or all; returns a result per device (OK or UNREACHABLE)."""
         targets = [device_id] if device_id is not None else list(self._connections)
-        return await self._fan_out(targets, lambda conn: conn.connect())
+
+        async def work(target: str) -> DeviceResult:
+            started = time.perf_counter()
+            result = await attempt(self._connections[target].connect(), target)
+            result.seconds = time.perf_counter() - started
+            return result
+
+        return await self.run_each(targets, work)
 
     async def send(self, device_id: str, command: Dict[str, Any], *, timeout: Optional[float] = None) -> Dict[str, Any]:
         """The device's reply. Raises ``DeviceUnreachable``/``CommandTimeout`` (a refusal is a reply)."""
@@ -161,6 +168,20 @@ class Fleet:
 
     # More
 
+    async def status(
+        self, targets: Optional[Sequence[str]] = None, *, timeout: Optional[float] = None
+    ) -> Tuple[Dict[str, DeviceResult], Dict[str, Optional[Dict[str, Any]]]]:
+        """Every target's ``get_status`` result, and the newest update-log entry of each reachable one.
+
+        What ``fleet status`` shows; ``tables.status_table`` renders it.
+        """
+        ids = list(targets) if targets is not None else list(self._connections)
+        statuses = await self.send_all({"command": "get_status"}, ids, timeout=timeout)
+        reachable = [i for i in ids if statuses[i].status is Status.OK]
+        logs = await self.send_all({"command": "update_log", "limit": 1}, reachable, timeout=timeout)
+        last = {i: ((logs[i].reply or {}).get("entries") or [None])[0] for i in reachable}
+        return statuses, last
+
     @property
     def devices(self) -> List[Device]:
         return [conn.device for conn in self._connections.values()]
@@ -205,20 +226,6 @@ class Fleet:
 
         results = await asyncio.gather(*(one(device_id) for device_id in targets))
         return {r.device_id: r for r in results}
-
-    async def _fan_out(
-        self,
-        targets: Sequence[str],
-        action: Callable[[DeviceConnection], Awaitable[Any]],
-        on_result: Optional[ResultCallback] = None,
-    ) -> Dict[str, DeviceResult]:
-        async def work(device_id: str) -> DeviceResult:
-            started = time.perf_counter()
-            outcome = await attempt(action(self._connections[device_id]), device_id)
-            outcome.seconds = time.perf_counter() - started
-            return outcome
-
-        return await self.run_each(targets, work, on_result)
 
 
 async def attempt(awaitable: Awaitable[Any], device_id: str) -> DeviceResult:

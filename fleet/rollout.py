@@ -159,7 +159,6 @@ class Rollout:
                  on_result: Optional[ResultCallback] = None) -> None:
         self.fleet = fleet
         self.filename = filename
-        self.code = code
         self.version = hashlib.sha256(code.encode("utf-8")).hexdigest()
         self.targets = list(targets)
         self.plan = plan
