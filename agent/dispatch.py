@@ -191,7 +191,8 @@ class Dispatcher:
         except asyncio.TimeoutError:
             stats.timeouts += 1
             error = Timeout(
-                f"handler for {handler.command!r} did not finish within {timeout:g} s"
+                f"handler for {handler.command!r} did not finish within {timeout:g} s "
+                "(the agent's limit is set with --handler-timeout; a request's 'timeout' can only lower it)"
             )
         except AgentError as exc:
             error = exc

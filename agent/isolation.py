@@ -96,7 +96,9 @@ class ImportTester:
                     problem = str(exc)
                     log.warning("import test helper failed (attempt %d): %s", attempt, problem)
                     self._stop()
-            return ImportResult(ok=False, kind="helper", error=f"the import test could not run: {problem}")
+            return ImportResult(ok=False, kind="helper", error=(
+                f"the import test could not run: {problem}; nothing was changed. "
+                "Try again; if it keeps failing, the agent's log says why"))
 
     def start(self) -> None:
         """Start the helper now (optional: ``test`` starts it when needed)."""

@@ -159,7 +159,7 @@ class DeviceConnection:
                 self.connect_timeout,
             )
         except asyncio.TimeoutError:
-            self.last_error = f"no connection within {self.connect_timeout:g} s"
+            self.last_error = f"no connection within {self.connect_timeout:g} s (is the device up and on the network?)"
             raise DeviceUnreachable(self.device.id, f"{self.device.address}: {self.last_error}") from None
         except ConnectionRefusedError:
             self.last_error = "connection refused (is pi-agent running there, on this port?)"
@@ -221,7 +221,10 @@ class DeviceConnection:
     def _expire(self, request_id: str, command: str, limit: float) -> None:
         entry = self._pending.pop(request_id, None)
         if entry is not None:
-            entry[0](None, CommandTimeout(self.device.id, f"no reply to {command!r} within {limit:g} s"))
+            entry[0](None, CommandTimeout(
+                self.device.id,
+                f"no reply to {command!r} within {limit:g} s (the device is busy or hung; "
+                "a slow command needs a longer timeout)"))
 
     def _on_line(self, line: bytes) -> None:
         try:

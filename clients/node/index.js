@@ -198,7 +198,8 @@ class Connection {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(id);
-        reject(new PiFleetError(this.config.id, 'timeout', `no reply to '${command.command}' within ${limit} ms`));
+        reject(new PiFleetError(this.config.id, 'timeout',
+          `no reply to '${command.command}' within ${limit} ms (the device is busy or hung; pass a longer {timeout} for slow commands)`));
       }, limit);
       this.pending.set(id, { resolve, reject, timer });
       this.write(command, id);
