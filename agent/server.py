@@ -1,9 +1,10 @@
 """The TCP layer: moves bytes between sockets, the protocol and the dispatcher.
 
-Built on ``asyncio.Protocol`` rather than streams: a request that can be
-answered at once (``ping``, errors) is written from ``data_received`` without
-creating a task, which is what keeps the agent close to the speed of the
-simplest possible JSON-lines server.
+Built on ``asyncio.BufferedProtocol`` rather than streams: a request that
+can be answered at once (``ping``, errors) is written from ``buffer_updated``
+without creating a task, and every read lands in one reused buffer (see
+``LineReader.get_buffer`` for why that matters). That is what keeps the agent
+close to the speed of the simplest possible JSON-lines server.
 
 Per connection, requests may be pipelined: slow ones run as tasks while later
 ones are read, and replies are written strictly in request order. Two kinds of
@@ -48,7 +49,7 @@ class ShuttingDown(AgentError):
     code = "shutting_down"
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: "AgentServer") -> None:
         self._server = server
         self._dispatcher = server.dispatcher
@@ -88,11 +89,14 @@ class _Connection(asyncio.Protocol):
         server.connections.add(self)
         self._arm_idle_timer()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self._closed or self._close_when_flushed:
             return
         self._arm_idle_timer()
-        for line in self._reader.feed(data):
+        for line in self._reader.buffer_updated(nbytes):
             if self._draining:
                 has_id, request_id = request_id_of(line)
                 refusal = ShuttingDown("the agent is shutting down; this request was not run")
