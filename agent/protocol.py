@@ -114,7 +114,7 @@ class LineReader:
                 return lines
             if line.endswith(b"\r"):
                 line = line[:-1]
-            if line.strip():
+            if line and not line.isspace():
                 lines.append(line)
         self._check_tail()
         return lines
@@ -225,23 +225,29 @@ def encode_shared_request(message: Dict[str, Any]) -> bytes:
     """A request for many devices, encoded once, without ``id`` and ``token``.
 
     ``address_request`` then gives each device its own copy with its own
-    ``id`` and token in front, without encoding the (possibly large) body again.
+    ``id`` and token in front, without encoding the (possibly large) body
+    again. What is returned is the line after its opening ``{"id":N``:
+    ``,"command":...}\n`` (or ``}\n`` for an empty request), so addressing it
+    copies the body once.
     """
-    return encode_message({k: v for k, v in message.items() if k not in ("id", "token")})
+    line = encode_message({k: v for k, v in message.items() if k not in ("id", "token")})
+    rest = line[1:]  # what followed the opening brace: '"command":...}\n', or '}\n'
+    return rest if rest == b"}\n" else b"," + rest
 
 
-def address_request(shared: bytes, request_id: str, token: Union[str, None] = None) -> bytes:
-    """``shared`` (from ``encode_shared_request``) with ``id`` and, if given, ``token`` spliced in."""
-    head = '{"id":' + _encoder.encode(request_id)
-    if token is not None:
-        head += ',"token":' + _encoder.encode(token)
-    rest = shared[1:]  # what followed the opening brace: '"command":...}\n', or '}\n' for an empty request
-    return head.encode("utf-8") + (rest if rest == b"}\n" else b"," + rest)
+def token_field(token: Optional[str]) -> bytes:
+    """``,"token":"..."`` for ``address_request``: encoded once per device, not once per request."""
+    return b"" if token is None else b',"token":' + _encoder.encode(token).encode("utf-8")
+
+
+def address_request(shared: bytes, request_id: int, token: bytes = b"") -> bytes:
+    """``shared`` (from ``encode_shared_request``) with an integer ``id`` and a ``token_field`` spliced in."""
+    return b'{"id":%d%s%s' % (request_id, token, shared)
 
 
 def decode_message(line: bytes) -> Dict[str, Any]:
     """Client side: one reply line to a dict. Raises ``ValueError`` if it is not a JSON object."""
-    obj = json.loads(line)  # bytes in: UTF-8 is decoded (and checked) by json itself
+    obj = _decode(line.decode("utf-8"))  # a bad byte raises UnicodeDecodeError, a ValueError
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {_json_type(obj)}")
     return obj
@@ -264,5 +270,6 @@ __all__ = [
     "finish_reply",
     "parse_request",
     "request_id_of",
+    "token_field",
 ]
 

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
-from agent.protocol import LineReader, address_request, decode_message, encode_shared_request
+from agent.protocol import LineReader, address_request, decode_message, encode_shared_request, token_field
 
 from .errors import CommandTimeout, DeviceError, DeviceUnreachable, ProtocolError
 from .inventory import Device
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 # Limits
 MAX_REPLY_BYTES = 64 * 1024 * 1024
+READ_SIZE = 16 * 1024  # per connection, for the life of the connection: 16 MiB for 1,000 devices
 # Timeouts (seconds)
 DEFAULT_HEARTBEAT = 15.0
 BACKOFF_FIRST = 0.5
@@ -64,10 +65,10 @@ class DeadlineQueue:
     def __init__(self, limit: float) -> None:
         self.limit = limit
         self._loop = asyncio.get_running_loop()
-        self._queue: Deque[Tuple[float, "DeviceConnection", str, str]] = deque()
+        self._queue: Deque[Tuple[float, "DeviceConnection", int, str]] = deque()
         self._timer: Optional[asyncio.TimerHandle] = None
 
-    def add(self, connection: "DeviceConnection", request_id: str, command: str) -> None:
+    def add(self, connection: "DeviceConnection", request_id: int, command: str) -> None:
         self._queue.append((self._loop.time() + self.limit, connection, request_id, command))
         if self._timer is None:
             self._timer = self._loop.call_at(self._queue[0][0], self._fire)
@@ -93,13 +94,18 @@ class _DeviceLogger(logging.LoggerAdapter):
         return f"[{self.extra['device']}] {msg}", kwargs
 
 
-class _Protocol(asyncio.Protocol):
+class _Protocol(asyncio.BufferedProtocol):
+    """Reads replies into one reused buffer (see ``LineReader.get_buffer``)."""
+
     def __init__(self, connection: "DeviceConnection") -> None:
         self._connection = connection
-        self._reader = LineReader(MAX_REPLY_BYTES)
+        self._reader = LineReader(MAX_REPLY_BYTES, READ_SIZE)
 
-    def data_received(self, data: bytes) -> None:
-        for line in self._reader.feed(data):
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        for line in self._reader.buffer_updated(nbytes):
             self._connection._on_line(line)
         if self._reader.overflowed:
             self._connection._drop("reply larger than the controller's limit")
@@ -128,8 +134,9 @@ class DeviceConnection:
         self.heartbeat = heartbeat
         self.on_message = on_message
         self.log = _DeviceLogger(log, {"device": device.id})
+        self._token_field = token_field(device.token)
         self._transport: Optional[asyncio.Transport] = None
-        self._pending: Dict[Any, Tuple[ReplyCallback, Optional[asyncio.TimerHandle]]] = {}
+        self._pending: Dict[int, Tuple[ReplyCallback, Optional[asyncio.TimerHandle]]] = {}
         self._connecting: Optional[asyncio.Future] = None
         self._closed = False
         self._background: Optional[asyncio.Task] = None
@@ -206,8 +213,8 @@ class DeviceConnection:
         if not self.connected:
             raise DeviceUnreachable(self.device.id, self.last_error or "not connected")
         loop = asyncio.get_running_loop()
-        request_id = f"f{next(self._ids)}"
-        data = address_request(body, request_id, self.device.token)
+        request_id = next(self._ids)
+        data = address_request(body, request_id, self._token_field)
         expiry: Optional[asyncio.TimerHandle] = None
         if deadlines is not None:
             deadlines.add(self, request_id, command)
@@ -218,7 +225,7 @@ class DeviceConnection:
         assert self._transport is not None
         self._transport.write(data)
 
-    def _expire(self, request_id: str, command: str, limit: float) -> None:
+    def _expire(self, request_id: int, command: str, limit: float) -> None:
         entry = self._pending.pop(request_id, None)
         if entry is not None:
             entry[0](None, CommandTimeout(
@@ -233,7 +240,9 @@ class DeviceConnection:
             self._drop("the device sent something that is not a JSON object")
             return
         self.last_reply_at = time.monotonic()
-        entry = self._pending.pop(reply.get("id"), None)
+        reply_id = reply.get("id")
+        # Only an int can be ours: a string "1", a float 1.0 or true (== 1) must not match request 1.
+        entry = self._pending.pop(reply_id, None) if type(reply_id) is int else None
         if entry is not None:
             callback, expiry = entry
             if expiry is not None:

@@ -2,6 +2,7 @@
 
 import asyncio
 import hashlib
+import json
 
 import pytest
 
@@ -98,6 +99,30 @@ async def test_send_returns_the_reply_matched_by_id(start_agent):
         refused = await fleet.send("a", {"command": "nope"})  # a refusal is a reply, not an exception
         assert refused["success"] is False and refused["code"] == "unknown_command"
         assert fleet.connection_status()["a"]["connected"] is True
+
+
+async def test_only_a_reply_with_our_exact_integer_id_answers_a_request():
+    """A device that echoes the id as "1", 1.0 or true must not answer request 1: those go to on_message."""
+    async def answer(reader, writer):
+        while line := await reader.readline():
+            request_id = json.loads(line)["id"]
+            for wrong in (str(request_id), float(request_id), True):
+                writer.write(json.dumps({"id": wrong, "which": "wrong"}).encode() + b"\n")
+            writer.write(json.dumps({"id": request_id, "which": "right"}).encode() + b"\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    unmatched = []
+    try:
+        device = Device(id="odd", host="127.0.0.1", port=server.sockets[0].getsockname()[1])
+        async with Fleet([device], on_message=lambda device_id, reply: unmatched.append(reply["id"])) as fleet:
+            reply = await fleet.send("odd", {"command": "ping"})
+            assert reply["which"] == "right" and type(reply["id"]) is int
+            assert len(unmatched) == 3 and {type(i) for i in unmatched} == {str, float, bool}
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_send_all_with_one_device_down_and_one_too_slow(start_agent):

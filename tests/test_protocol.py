@@ -23,6 +23,28 @@ def test_lines_split_across_chunks_are_joined():
     assert reader.feed(b'and":"x"}\n') == [b'{"command":"x"}']
 
 
+def test_reading_into_the_reused_buffer_gives_what_feed_gives():
+    """The BufferedProtocol path (get_buffer/buffer_updated) has its own one-line fast path; it must agree."""
+    import random
+
+    rng = random.Random(1234)
+    for _ in range(2000):
+        data = bytes(rng.choice(b"ab \r\n") for _ in range(rng.randint(0, 40)))
+        fed, buffered = LineReader(8, read_size=16), LineReader(8, read_size=16)
+        from_feed, from_buffer = [], []
+        at = 0
+        while at < len(data):
+            chunk = data[at:at + rng.randint(1, 16)]
+            at += len(chunk)
+            from_feed += fed.feed(chunk)
+            buffered.get_buffer()[:len(chunk)] = chunk
+            from_buffer += buffered.buffer_updated(len(chunk))
+        assert from_buffer == from_feed, data
+        assert (buffered.overflowed, buffered.pending_bytes) == (fed.overflowed, fed.pending_bytes), data
+    reader = LineReader(100, read_size=64)
+    assert reader.get_buffer() is reader.get_buffer() and len(reader.get_buffer()) == 64
+
+
 def test_crlf_and_blank_lines():
     reader = LineReader(100)
     assert reader.feed(b'{"a":1}\r\n\n  \r\n{"b":2}\n') == [b'{"a":1}', b'{"b":2}']
@@ -123,11 +145,12 @@ def test_single_line_chunks_over_the_limit_crlf_and_blank():
 def test_a_shared_request_addressed_to_each_device():
     import json as _json
 
-    from agent.protocol import address_request, encode_shared_request
+    from agent.protocol import address_request, encode_shared_request, token_field
 
     shared = encode_shared_request({"command": "update_handler", "code": "x = '\"'\n", "id": "drop", "token": "t"})
-    one = _json.loads(address_request(shared, "f1", 'to"ken'))
-    assert one == {"id": "f1", "token": 'to"ken', "command": "update_handler", "code": "x = '\"'\n"}
-    assert _json.loads(address_request(shared, "f2")) == {"id": "f2", "command": "update_handler", "code": "x = '\"'\n"}
-    assert _json.loads(address_request(encode_shared_request({}), "f3")) == {"id": "f3"}
-    assert address_request(shared, "f1").endswith(b"\n")
+    one = _json.loads(address_request(shared, 1, token_field('to"ken')))
+    assert one == {"id": 1, "token": 'to"ken', "command": "update_handler", "code": "x = '\"'\n"}
+    assert _json.loads(address_request(shared, 2)) == {"id": 2, "command": "update_handler", "code": "x = '\"'\n"}
+    assert _json.loads(address_request(encode_shared_request({}), 3)) == {"id": 3}
+    assert _json.loads(address_request(encode_shared_request({"token": "t"}), 4, token_field("s"))) == {"id": 4, "token": "s"}
+    assert address_request(shared, 1).endswith(b"\n") and address_request(shared, 1).count(b"\n") == 1
