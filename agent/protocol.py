@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 from .errors import BadRequest, InvalidJSON, TooLarge
@@ -34,7 +33,24 @@ DEFAULT_READ_SIZE = 64 * 1024  # bytes one read may return; the buffer lives as 
 RequestId = Union[str, int, float, None]
 
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-_decode = json.JSONDecoder().decode
+_decoder = json.JSONDecoder()
+
+
+def _decode(text: str) -> Any:
+    """``json.loads`` for one line, without its per-call overhead in the usual case.
+
+    ``raw_decode`` skips the two whitespace scans of ``decode`` (a third of
+    the cost of parsing a short request). A line with surrounding whitespace
+    or trailing garbage goes to ``decode``, which accepts the one and reports
+    the other exactly as ``json.loads`` would.
+    """
+    try:
+        obj, end = _decoder.raw_decode(text)
+    except ValueError:
+        return _decoder.decode(text)
+    if end != len(text):
+        return _decoder.decode(text)
+    return obj
 
 
 class LineReader:
@@ -134,14 +150,24 @@ class LineReader:
         self._tail = bytearray()
 
 
-@dataclass(frozen=True)
 class Request:
-    """One parsed request. ``command`` is lower-cased: names match case-insensitively."""
+    """One parsed request. ``command`` is lower-cased: names match case-insensitively.
 
-    command: str
-    args: Dict[str, Any] = field(repr=False)
-    id: RequestId = None
-    has_id: bool = False
+    A plain class with slots, not a frozen dataclass: one is built per request,
+    and the dataclass took half the time of parsing a short request. Treat it
+    as read-only. ``args`` stays out of the repr: it may hold the token.
+    """
+
+    __slots__ = ("command", "args", "id", "has_id")
+
+    def __init__(self, command: str, args: Dict[str, Any], id: RequestId = None, has_id: bool = False) -> None:
+        self.command = command
+        self.args = args
+        self.id = id
+        self.has_id = has_id
+
+    def __repr__(self) -> str:
+        return f"Request(command={self.command!r}, id={self.id!r})"
 
 
 def request_id_of(line: bytes) -> tuple:

@@ -7,8 +7,8 @@ of ``DeviceResult``.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence
 
 
 class Status(str, enum.Enum):
@@ -34,9 +34,10 @@ class DeviceResult:
     # Deploy details (empty for plain commands)
     old_version: Optional[str] = None
     new_version: Optional[str] = None
-    commands: List[str] = field(default_factory=list)
-    validation_errors: List[str] = field(default_factory=list)
-    validation_warnings: List[str] = field(default_factory=list)
+    # Tuples by default, not lists from a factory: a fan-out builds one result per device.
+    commands: Sequence[str] = ()
+    validation_errors: Sequence[str] = ()
+    validation_warnings: Sequence[str] = ()
     note: str = ""
     changed: bool = False  # this rollout changed the device (so rollback applies)
     backup: Optional[str] = None  # the backup our push created on the device
@@ -54,9 +55,9 @@ class DeviceResult:
             "seconds": round(self.seconds, 4),
             "old_version": self.old_version,
             "new_version": self.new_version,
-            "commands": self.commands,
-            "validation_errors": self.validation_errors,
-            "validation_warnings": self.validation_warnings,
+            "commands": list(self.commands),
+            "validation_errors": list(self.validation_errors),
+            "validation_warnings": list(self.validation_warnings),
             "note": self.note,
             "reply": self.reply,
         }
