@@ -3,8 +3,9 @@
 Starts 1,000 real agents in a few host processes (see ``agent_host.py``),
 then for N = 10, 100 and 1,000 of them measures, in this one run:
 
-- ``send_all(ping)`` over open connections, and the naive loop a script
-  would run (for each device: connect, send, wait for the reply, close);
+- ``send_all(ping)`` over open connections (the median of five), and the
+  naive loop a script would run (for each device: connect, send, wait for
+  the reply, close; the median of three);
 - the floor: the same ping sent over the same number of open sockets by a bare
   epoll loop (no framing, no JSON parsing, no asyncio), which shows how fast
   the agents themselves can answer on this machine, whatever the controller;
@@ -29,6 +30,7 @@ import asyncio
 import json
 import select
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,7 @@ sys.path.insert(0, str(REPO))
 from fleet import Device, Fleet, RolloutPlan, Status, deploy  # noqa: E402
 
 CAMERA = (REPO / "handlers" / "camera_handlers.py").read_text()
+ROUNDS = 5  # send_all(ping) rounds per size; the median is reported (the loop: median of 3)
 
 
 def start_hosts(total: int, hosts: int, base: Path) -> Tuple[List[subprocess.Popen], List[int]]:
@@ -169,10 +172,14 @@ def run_size(n: int, ports: List[int], base: Path) -> dict:
         async with Fleet(devices, connect_timeout=60, request_timeout=120) as fleet:
             await fleet.connect()
             await fleet.send_all({"command": "ping"})  # warm
-            wall, cpu = time.perf_counter(), time.process_time()
-            results = await fleet.send_all({"command": "ping"})
-            ping = (time.perf_counter() - wall, time.process_time() - cpu)
-            assert all(r.status is Status.OK for r in results.values()), "a ping failed"
+            walls, cpus = [], []
+            for _ in range(ROUNDS):
+                wall, cpu = time.perf_counter(), time.process_time()
+                results = await fleet.send_all({"command": "ping"})
+                walls.append(time.perf_counter() - wall)
+                cpus.append(time.process_time() - cpu)
+                assert all(r.status is Status.OK for r in results.values()), "a ping failed"
+            ping = (statistics.median(walls), statistics.median(cpus))
             # Three rollouts, each of a version the devices do not have yet; the median is reported.
             runs = []
             for attempt in range(3):
@@ -185,8 +192,10 @@ def run_size(n: int, ports: List[int], base: Path) -> dict:
             return ping, deployed
 
     (ping_wall, ping_cpu), (deploy_wall, deploy_cpu) = asyncio.run(fleet_run())
-    naive_wall, naive_cpu, ok = measure(lambda: naive(ports, {"command": "ping"}))
-    assert ok == n
+    loops = [measure(lambda: naive(ports, {"command": "ping"})) for _ in range(3)]
+    assert all(ok == n for _, _, ok in loops)
+    naive_wall = statistics.median(wall for wall, _, _ in loops)
+    naive_cpu = statistics.median(cpu for _, cpu, _ in loops)
     floor_wall = raw_floor(ports)
     code = handler_file(base, f"naive-{n}").read_text()
     naive_deploy_wall, naive_deploy_cpu, ok = measure(lambda: naive(ports, {

@@ -210,20 +210,18 @@ class DeviceConnection:
         With ``deadlines``, the time limit is that queue's, shared with the rest
         of the fan-out; otherwise the request gets a timer of its own.
         """
-        if not self.connected:
+        transport = self._transport
+        if transport is None or transport.is_closing():
             raise DeviceUnreachable(self.device.id, self.last_error or "not connected")
-        loop = asyncio.get_running_loop()
         request_id = next(self._ids)
-        data = address_request(body, request_id, self._token_field)
         expiry: Optional[asyncio.TimerHandle] = None
         if deadlines is not None:
             deadlines.add(self, request_id, command)
         else:
             limit = self.request_timeout if timeout is None else timeout
-            expiry = loop.call_later(limit, self._expire, request_id, command, limit)
+            expiry = asyncio.get_running_loop().call_later(limit, self._expire, request_id, command, limit)
         self._pending[request_id] = (callback, expiry)
-        assert self._transport is not None
-        self._transport.write(data)
+        transport.write(address_request(body, request_id, self._token_field))
 
     def _expire(self, request_id: int, command: str, limit: float) -> None:
         entry = self._pending.pop(request_id, None)

@@ -133,9 +133,9 @@ class Fleet:
                 conn = queue.popleft()
                 in_flight += 1
                 finish = functools.partial(done, conn.device.id, time.perf_counter())
-                if conn.connected:
+                try:
                     conn.send_with_callback(body, name, finish, deadlines=deadlines)
-                else:  # connect first, then the same path
+                except DeviceUnreachable:  # not connected: connect first, then the same request
                     task = asyncio.ensure_future(conn.request(command, timeout))
                     task.add_done_callback(functools.partial(_task_outcome, conn.device.id, finish))
 
