@@ -56,15 +56,17 @@ def _settle(future: "asyncio.Future[Dict[str, Any]]") -> ReplyCallback:
 class DeadlineQueue:
     """Time limits for many requests that share one timeout, kept with one timer instead of one each.
 
-    A fan-out sends requests in order and gives them all the same limit, so
-    their deadlines arrive already sorted: the one timer waits for the oldest,
-    expires whatever is due, and waits for the next. A request that was
-    answered in time is simply no longer pending when its deadline comes.
+    Requests with the same limit, added as they are sent, have deadlines that
+    arrive already sorted: the one timer waits for the oldest, expires whatever
+    is due, and waits for the next. A request answered in time is simply no
+    longer pending when its deadline comes. A timer per request cost more than
+    the rest of the request's bookkeeping together: each one is an object
+    pushed on, and later cancelled from, the event loop's heap.
     """
 
-    def __init__(self, limit: float) -> None:
+    def __init__(self, limit: float, loop: asyncio.AbstractEventLoop) -> None:
         self.limit = limit
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop
         self._queue: Deque[Tuple[float, "DeviceConnection", int, str]] = deque()
         self._timer: Optional[asyncio.TimerHandle] = None
 
@@ -87,6 +89,29 @@ class DeadlineQueue:
             self._timer.cancel()
             self._timer = None
         self._queue.clear()
+
+
+class Deadlines:
+    """One ``DeadlineQueue`` per distinct time limit, shared by every connection of a fleet."""
+
+    def __init__(self) -> None:
+        self._queues: Dict[float, DeadlineQueue] = {}
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    def add(self, limit: float, connection: "DeviceConnection", request_id: int, command: str) -> None:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # first use, or the fleet moved to a new event loop
+            self.close()
+            self._loop = loop
+        queue = self._queues.get(limit)
+        if queue is None:
+            queue = self._queues[limit] = DeadlineQueue(limit, loop)
+        queue.add(connection, request_id, command)
+
+    def close(self) -> None:
+        for queue in self._queues.values():
+            queue.close()
+        self._queues.clear()
 
 
 class _DeviceLogger(logging.LoggerAdapter):
@@ -126,8 +151,11 @@ class DeviceConnection:
         keepalive: bool = False,
         heartbeat: float = DEFAULT_HEARTBEAT,
         on_message: Optional[MessageCallback] = None,
+        deadlines: Optional[Deadlines] = None,
     ) -> None:
         self.device = device
+        self._owns_deadlines = deadlines is None
+        self.deadlines = Deadlines() if deadlines is None else deadlines
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.keepalive = keepalive
@@ -136,7 +164,7 @@ class DeviceConnection:
         self.log = _DeviceLogger(log, {"device": device.id})
         self._token_field = token_field(device.token)
         self._transport: Optional[asyncio.Transport] = None
-        self._pending: Dict[int, Tuple[ReplyCallback, Optional[asyncio.TimerHandle]]] = {}
+        self._pending: Dict[int, ReplyCallback] = {}
         self._connecting: Optional[asyncio.Future] = None
         self._closed = False
         self._background: Optional[asyncio.Task] = None
@@ -203,30 +231,24 @@ class DeviceConnection:
         return future
 
     def send_with_callback(self, body: bytes, command: str, callback: ReplyCallback,
-                           timeout: Optional[float] = None, deadlines: Optional[DeadlineQueue] = None) -> None:
+                           timeout: Optional[float] = None) -> None:
         """The fan-out fast path: ``callback(reply, None)`` or ``callback(None, error)`` exactly once.
 
-        No future and no task: the reply is handed over from ``data_received``.
-        With ``deadlines``, the time limit is that queue's, shared with the rest
-        of the fan-out; otherwise the request gets a timer of its own.
+        No future and no task: the reply is handed over from ``buffer_updated``,
+        and the time limit is kept by the shared ``Deadlines``.
         """
         transport = self._transport
         if transport is None or transport.is_closing():
             raise DeviceUnreachable(self.device.id, self.last_error or "not connected")
         request_id = next(self._ids)
-        expiry: Optional[asyncio.TimerHandle] = None
-        if deadlines is not None:
-            deadlines.add(self, request_id, command)
-        else:
-            limit = self.request_timeout if timeout is None else timeout
-            expiry = asyncio.get_running_loop().call_later(limit, self._expire, request_id, command, limit)
-        self._pending[request_id] = (callback, expiry)
+        self.deadlines.add(self.request_timeout if timeout is None else timeout, self, request_id, command)
+        self._pending[request_id] = callback
         transport.write(address_request(body, request_id, self._token_field))
 
     def _expire(self, request_id: int, command: str, limit: float) -> None:
-        entry = self._pending.pop(request_id, None)
-        if entry is not None:
-            entry[0](None, CommandTimeout(
+        callback = self._pending.pop(request_id, None)
+        if callback is not None:
+            callback(None, CommandTimeout(
                 self.device.id,
                 f"no reply to {command!r} within {limit:g} s (the device is busy or hung; "
                 "a slow command needs a longer timeout)"))
@@ -240,11 +262,8 @@ class DeviceConnection:
         self.last_reply_at = time.monotonic()
         reply_id = reply.get("id")
         # Only an int can be ours: a string "1", a float 1.0 or true (== 1) must not match request 1.
-        entry = self._pending.pop(reply_id, None) if type(reply_id) is int else None
-        if entry is not None:
-            callback, expiry = entry
-            if expiry is not None:
-                expiry.cancel()
+        callback = self._pending.pop(reply_id, None) if type(reply_id) is int else None
+        if callback is not None:
             callback(reply, None)
         elif self.on_message is not None:
             self.on_message(self.device.id, reply)
@@ -265,9 +284,7 @@ class DeviceConnection:
 
     def _fail_pending(self, error: DeviceError) -> None:
         pending, self._pending = self._pending, {}
-        for callback, expiry in pending.values():
-            if expiry is not None:
-                expiry.cancel()
+        for callback in pending.values():
             callback(None, error)
 
     async def _keep_alive(self) -> None:
@@ -322,3 +339,5 @@ class DeviceConnection:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+        if self._owns_deadlines:
+            self.deadlines.close()

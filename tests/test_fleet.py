@@ -9,6 +9,7 @@ import pytest
 from conftest import scripted, wait_until
 from fleet import ConfigError, Device, Fleet, RolloutPlan, Status, deploy, load_inventory, parse_inventory
 from fleet.errors import CommandTimeout, DeviceUnreachable
+from fleet.fleet import attempt
 from fleet.local import free_port
 from fleet.tables import drifted, status_table
 
@@ -123,6 +124,48 @@ async def test_only_a_reply_with_our_exact_integer_id_answers_a_request():
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_no_more_requests_in_flight_than_the_concurrency_limit():
+    """Counted at the receiving end: a server playing five devices that answers on the next loop turn.
+
+    Everything the controller writes in one go is readable at once, so an
+    unlimited controller would show all five requests outstanding together.
+    """
+    loop = asyncio.get_running_loop()
+    outstanding, most = 0, 0
+
+    async def answer(reader, writer):
+        nonlocal outstanding, most
+        while line := await reader.readline():
+            outstanding += 1
+            most = max(most, outstanding)
+
+            def reply(request_id=json.loads(line)["id"]):
+                nonlocal outstanding
+                outstanding -= 1
+                writer.write(json.dumps({"id": request_id, "success": True}).encode() + b"\n")
+            loop.call_soon(reply)
+        writer.close()
+
+    servers = [await asyncio.start_server(answer, "127.0.0.1", 0) for _ in range(5)]
+    devices = [Device(id=f"d{i}", host="127.0.0.1", port=server.sockets[0].getsockname()[1])
+               for i, server in enumerate(servers)]
+    try:
+        for limit in (2, 5):
+            async with Fleet(devices, concurrency=limit) as fleet:
+                await fleet.connect()
+                most = 0
+                results = await fleet.send_all({"command": "ping"})
+                assert all(r.status is Status.OK for r in results.values()) and most == limit
+                most = 0
+                results = await fleet.run_each([d.id for d in devices],
+                                               lambda device_id: attempt(fleet.send(device_id, {"command": "ping"}), device_id))
+                assert all(r.status is Status.OK for r in results.values()) and most == limit
+    finally:
+        for server in servers:
+            server.close()
+            await server.wait_closed()
 
 
 async def test_send_all_with_one_device_down_and_one_too_slow(start_agent):
