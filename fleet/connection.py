@@ -96,16 +96,11 @@ class Deadlines:
 
     def __init__(self) -> None:
         self._queues: Dict[float, DeadlineQueue] = {}
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     def add(self, limit: float, connection: "DeviceConnection", request_id: int, command: str) -> None:
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # first use, or the fleet moved to a new event loop
-            self.close()
-            self._loop = loop
         queue = self._queues.get(limit)
-        if queue is None:
-            queue = self._queues[limit] = DeadlineQueue(limit, loop)
+        if queue is None:  # bound to the running loop, like the connections themselves
+            queue = self._queues[limit] = DeadlineQueue(limit, asyncio.get_running_loop())
         queue.add(connection, request_id, command)
 
     def close(self) -> None:
@@ -217,7 +212,8 @@ class DeviceConnection:
         """
         if self._closed:
             raise DeviceUnreachable(self.device.id, "connection closed")
-        await self.connect()
+        if not self.connected:
+            await self.connect()
         return await self.start_request(encode_shared_request(message), str(message.get("command")), timeout)
 
     def start_request(self, body: bytes, command: str, timeout: Optional[float] = None) -> "asyncio.Future[Dict[str, Any]]":

@@ -100,7 +100,8 @@ class Fleet:
                            timeout: Optional[float] = None) -> Dict[str, Any]:
         """``send`` for a request already encoded with ``encode_shared_request``: for one request sent to many devices."""
         conn = self._connection(device_id)
-        await conn.connect()
+        if not conn.connected:
+            await conn.connect()
         return await conn.start_request(body, command, timeout)
 
     async def send_all(
