@@ -158,7 +158,10 @@ class Fleet:
 
         if ids:
             launch()
-            await finished
+            try:
+                await finished
+            finally:
+                queue.clear()  # cancelled: replies still on their way must not launch the rest
         return {device_id: results[device_id] for device_id in ids}
 
     def connection_status(self) -> Dict[str, Dict[str, Any]]:

@@ -168,6 +168,47 @@ async def test_no_more_requests_in_flight_than_the_concurrency_limit():
             await server.wait_closed()
 
 
+async def test_a_cancelled_send_all_sends_nothing_more():
+    """Cancelled while the first device holds its reply: when that reply comes, the rest are not sent."""
+    seen = {}
+    first_arrived, release = asyncio.Event(), asyncio.Event()
+
+    def serve(name):
+        async def answer(reader, writer):
+            while line := await reader.readline():
+                request = json.loads(line)
+                seen.setdefault(name, []).append(request["command"])
+                if request["command"] == "hold":
+                    first_arrived.set()
+                    await release.wait()
+                writer.write(json.dumps({"id": request["id"], "success": True}).encode() + b"\n")
+                await writer.drain()
+            writer.close()
+        return answer
+
+    servers = [await asyncio.start_server(serve(f"d{i}"), "127.0.0.1", 0) for i in range(3)]
+    devices = [Device(id=f"d{i}", host="127.0.0.1", port=server.sockets[0].getsockname()[1])
+               for i, server in enumerate(servers)]
+    try:
+        async with Fleet(devices, concurrency=1) as fleet:
+            await fleet.connect()
+            fan_out = asyncio.ensure_future(fleet.send_all({"command": "hold"}))
+            await first_arrived.wait()
+            fan_out.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await fan_out
+            release.set()
+            # Replies come in order on each connection: once these pings are answered, the held reply
+            # was handled, and anything it launched would have reached d1 before this ping.
+            await fleet.send("d0", {"command": "ping"})
+            await fleet.send("d1", {"command": "ping"})
+            assert seen == {"d0": ["hold", "ping"], "d1": ["ping"]}
+    finally:
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+
+
 async def test_send_all_with_one_device_down_and_one_too_slow(start_agent):
     fast = await start_agent(handlers={"blocking": scripted("blocking")})
     slow = await start_agent(handlers={"blocking": scripted("blocking")})
