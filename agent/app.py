@@ -8,7 +8,6 @@ Here the only code that is ever replaced is a handler module's.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
 import platform

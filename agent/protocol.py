@@ -73,7 +73,8 @@ class LineReader:
         self.read_size = read_size
         self.overflowed = False
         self._tail = bytearray()
-        self._buffer: Optional[memoryview] = None
+        self._array = bytearray()  # the reused read buffer, allocated at the first read
+        self._buffer: Optional[memoryview] = None  # a view of it, for slicing without copying
 
     @property
     def pending_bytes(self) -> int:
@@ -90,7 +91,8 @@ class LineReader:
         itself (CPython issue #85451). One buffer, reused, costs nothing per read.
         """
         if self._buffer is None:
-            self._buffer = memoryview(bytearray(self.read_size))
+            self._array = bytearray(self.read_size)
+            self._buffer = memoryview(self._array)
         return self._buffer
 
     def buffer_updated(self, nbytes: int) -> List[bytes]:
@@ -98,7 +100,7 @@ class LineReader:
         buffer = self._buffer
         assert buffer is not None, "buffer_updated before get_buffer"
         if (not self._tail and not self.overflowed and 0 < nbytes <= self.max_line_bytes + 1
-                and buffer[nbytes - 1] == 10 and buffer.obj.count(b"\n", 0, nbytes) == 1):
+                and buffer[nbytes - 1] == 10 and self._array.count(b"\n", 0, nbytes) == 1):
             # The usual case, one whole line: copied once, and the same result as feed().
             end = nbytes - 2 if nbytes > 1 and buffer[nbytes - 2] == 13 else nbytes - 1
             line = buffer[:end].tobytes()
