@@ -71,7 +71,12 @@ class DeadlineQueue:
         self._timer: Optional[asyncio.TimerHandle] = None
 
     def add(self, connection: "DeviceConnection", request_id: int, command: str) -> None:
-        self._queue.append((self._loop.time() + self.limit, connection, request_id, command))
+        queue = self._queue
+        # Requests are mostly answered in the order they were sent: drop the answered ones at the
+        # head now, so a busy fleet keeps about as many entries as it has requests in flight.
+        while queue and queue[0][2] not in queue[0][1]._pending:
+            queue.popleft()
+        queue.append((self._loop.time() + self.limit, connection, request_id, command))
         if self._timer is None:
             self._timer = self._loop.call_at(self._queue[0][0], self._fire)
 
