@@ -168,6 +168,16 @@ async def test_no_more_requests_in_flight_than_the_concurrency_limit():
             await server.wait_closed()
 
 
+async def test_time_limits_of_answered_requests_are_not_kept_until_they_expire(start_agent):
+    agent = await start_agent()
+    async with Fleet([device_for(agent, "a")], request_timeout=600) as fleet:
+        for _ in range(50):
+            await fleet.send_all({"command": "ping"})
+            await fleet.send("a", {"command": "ping"})
+        queue = fleet._deadlines._queues[600]
+        assert len(queue._queue) <= 1  # only the newest, answered or not: nothing piles up for 600 s
+
+
 async def test_a_cancelled_send_all_sends_nothing_more():
     """Cancelled while the first device holds its reply: when that reply comes, the rest are not sent."""
     seen = {}
