@@ -116,7 +116,7 @@ class Fleet:
 
         The request is encoded once. Devices with an open connection are sent
         to straight from callbacks, without a task each; the others connect
-        first. At most ``concurrency`` requests are in flight at a time.
+        first. At most ``concurrency`` requests of this call are in flight at a time.
         """
         ids = list(targets) if targets is not None else list(self._connections)
         connections = [self._connection(device_id) for device_id in ids]
@@ -212,7 +212,7 @@ class Fleet:
         work: Callable[[str], Awaitable[DeviceResult]],
         on_result: Optional[ResultCallback] = None,
     ) -> Dict[str, DeviceResult]:
-        """Run ``work(device_id)`` for each target, at most ``concurrency`` at once; report as each finishes.
+        """Run ``work(device_id)`` for each target, ``concurrency`` at a time; report as each finishes.
 
         A few workers take ids from one queue, rather than a task per device
         waiting on a semaphore: a rollout to 1,000 devices runs 64 tasks, not 1,000.
