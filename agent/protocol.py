@@ -99,10 +99,12 @@ class LineReader:
         """``feed`` the ``nbytes`` a read just put at the start of ``get_buffer()``."""
         buffer = self._buffer
         assert buffer is not None, "buffer_updated before get_buffer"
-        if (not self._tail and not self.overflowed and 0 < nbytes <= self.max_line_bytes + 1
-                and buffer[nbytes - 1] == 10 and self._array.count(b"\n", 0, nbytes) == 1):
-            # The usual case, one whole line: copied once, and the same result as feed().
-            end = nbytes - 2 if nbytes > 1 and buffer[nbytes - 2] == 13 else nbytes - 1
+        end = nbytes - 1
+        if (self._array.find(b"\n", 0, nbytes) == end >= 0 and not self._tail and not self.overflowed
+                and nbytes <= self.max_line_bytes + 1):
+            # The usual case, exactly one whole line: copied once, and the same result as feed().
+            if end and buffer[end - 1] == 13:
+                end -= 1
             line = buffer[:end].tobytes()
             return [line] if line and not line.isspace() else []
         return self.feed(buffer[:nbytes].tobytes())

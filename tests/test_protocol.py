@@ -43,6 +43,7 @@ def test_reading_into_the_reused_buffer_gives_what_feed_gives():
         assert (buffered.overflowed, buffered.pending_bytes) == (fed.overflowed, fed.pending_bytes), data
     reader = LineReader(100, read_size=64)
     assert reader.get_buffer() is reader.get_buffer() and len(reader.get_buffer()) == 64
+    assert reader.buffer_updated(0) == [] and reader.pending_bytes == 0
 
 
 def test_crlf_and_blank_lines():
