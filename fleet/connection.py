@@ -59,9 +59,9 @@ class DeadlineQueue:
     Requests with the same limit, added as they are sent, have deadlines that
     arrive already sorted: the one timer waits for the oldest, expires whatever
     is due, and waits for the next. A request answered in time is simply no
-    longer pending when its deadline comes. A timer per request cost more than
-    the rest of the request's bookkeeping together: each one is an object
-    pushed on, and later cancelled from, the event loop's heap.
+    longer pending when its deadline comes. A timer per request was the largest
+    single cost of a request's bookkeeping: each one is an object pushed on,
+    and later cancelled from, the event loop's heap.
     """
 
     def __init__(self, limit: float, loop: asyncio.AbstractEventLoop) -> None:
