@@ -71,6 +71,7 @@ def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
     headers = ["device", "name", "address", "reachable", "agent", "uptime", *files, "commands", "last change"]
     rows = []
     any_drift = False
+    problems = []  # why each device that did not answer did not, under the table
     for device in devices:
         result = statuses.get(device.id)
         reply = (result.reply or {}) if result else {}
@@ -78,6 +79,8 @@ def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
             reason = result.status.value.lower() if result else "unknown"
             rows.append([device.id, device.label, device.address, f"no ({reason})", "-", "-",
                          *["-" for _ in files], "-", "-"])
+            if result is not None and result.error:
+                problems.append(f"{device.id}: {result.error}")
             continue
         modules = {m["file"]: m["sha256"] for m in reply.get("modules", [])}
         failed = {m["file"] for m in reply.get("failed_modules", [])}
@@ -100,6 +103,8 @@ def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
     text = tabulate(rows, headers=headers, tablefmt="simple")
     if any_drift:
         text += f"\n{DRIFT_MARK} differs from the version most devices run (drift)"
+    if problems:
+        text += "\n\n" + "\n".join(problems)
     return text
 
 

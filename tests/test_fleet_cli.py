@@ -60,6 +60,14 @@ def test_deploy_json_document_and_exit_1_when_a_device_is_offline(tmp_path, agen
     assert by_id["off"]["status"] == "UNREACHABLE" and by_id["d0"]["commands"] == ["version"]
 
 
+def test_status_says_why_a_device_did_not_answer_and_exits_1(tmp_path, agents, capsys):
+    devices = inventory(tmp_path, agents, count=1, offline=True)
+    assert main(["-d", str(devices), "status"]) == 1
+    out, _ = capsys.readouterr()
+    assert "no (unreachable)" in out
+    assert "off: 127.0.0.1:" in out and "connection refused (is pi-agent running there" in out
+
+
 def test_a_halted_rollout_exits_1(tmp_path, agents, capsys):
     devices = inventory(tmp_path, agents)
     broken = handler(tmp_path, "import os\nos.system('x')\n")
