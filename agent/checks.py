@@ -113,7 +113,6 @@ class CheckReport:
 
     errors: List[Issue] = field(default_factory=list)
     warnings: List[Issue] = field(default_factory=list)
-    top_level_imports: Set[str] = field(default_factory=set)
 
     @property
     def valid(self) -> bool:
@@ -145,7 +144,6 @@ def check_code(code: str, path: str) -> CheckReport:
     scanner.scan(tree)
     report.errors.extend(scanner.errors)
     report.warnings.extend(scanner.warnings)
-    report.top_level_imports = set(scanner.required_imports) | set(scanner.optional_imports)
     _check_dependencies(scanner, report)
     return report
 

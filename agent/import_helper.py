@@ -20,7 +20,7 @@ was killed by a signal (a segfault), or ran out of time.
 Protocol on stdin/stdout, one JSON object per line:
     first line  {"sys_path": [...], "handler_table": "/path/handler_table.py", "idle_exit": 300}
     request     {"name": "cam", "path": "handlers/cam.py", "source": "...", "timeout": 10, "memory_mb": 512}
-    reply       {"ok": true, "commands": [...], "has_on_reload": false, "warnings": [...]}
+    reply       {"ok": true, "commands": [...], "warnings": [...]}
                 {"ok": false, "kind": "timeout|exit|crash|exception|table|self_test|memory", "error": "..."}
 
 Standard library only; runs on Python 3.9+.
@@ -232,8 +232,6 @@ def _import_and_test(request, table):
     return {
         "ok": True,
         "commands": list(commands),
-        "has_on_reload": callable(getattr(module, "on_reload", None)),
-        "has_self_test": callable(self_test),
         "warnings": warnings,
     }
 

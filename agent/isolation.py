@@ -42,7 +42,6 @@ class ImportResult:
     kind: str = ""
     error: str = ""
     warnings: List[str] = field(default_factory=list)
-    has_on_reload: bool = False
 
     @classmethod
     def from_reply(cls, reply: Dict[str, Any]) -> "ImportResult":
@@ -52,7 +51,6 @@ class ImportResult:
             kind=str(reply.get("kind") or ""),
             error=str(reply.get("error") or ""),
             warnings=list(reply.get("warnings") or []),
-            has_on_reload=bool(reply.get("has_on_reload")),
         )
 
 
@@ -68,8 +66,6 @@ class ImportTester:
         self._lock = threading.Lock()
         self._proc: Optional[subprocess.Popen] = None
         self._buffer = b""
-        self.tests_run = 0
-        self.helpers_started = 0
 
     @property
     def helper_pid(self) -> Optional[int]:
@@ -86,7 +82,6 @@ class ImportTester:
             "memory_mb": self.memory_mb,
         }
         with self._lock:
-            self.tests_run += 1
             problem = ""
             for attempt in (1, 2):
                 try:
@@ -128,7 +123,6 @@ class ImportTester:
         proc.stdin.flush()
         self._proc = proc
         self._buffer = b""
-        self.helpers_started += 1
         return proc
 
     def _ask(self, request: Dict[str, Any]) -> Dict[str, Any]:
