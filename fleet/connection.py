@@ -215,11 +215,15 @@ class DeviceConnection:
         Raises ``DeviceUnreachable`` or ``CommandTimeout``; never ``RemoteError``:
         a refusal is a reply, and the caller decides what it means.
         """
+        return await self.request_encoded(encode_shared_request(message), str(message.get("command")), timeout)
+
+    async def request_encoded(self, body: bytes, command: str, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """``request`` for a body already encoded with ``encode_shared_request`` (one encoding, many devices)."""
         if self._closed:
-            raise DeviceUnreachable(self.device.id, "connection closed")
+            raise DeviceUnreachable(self.device.id, "this connection was closed with its Fleet; use a new Fleet")
         if not self.connected:
             await self.connect()
-        return await self.start_request(encode_shared_request(message), str(message.get("command")), timeout)
+        return await self.start_request(body, command, timeout)
 
     def start_request(self, body: bytes, command: str, timeout: Optional[float] = None) -> "asyncio.Future[Dict[str, Any]]":
         """Send a request encoded by ``encode_shared_request`` now; the future gets the reply or a ``DeviceError``.
@@ -240,7 +244,7 @@ class DeviceConnection:
         """
         transport = self._transport
         if transport is None or transport.is_closing():
-            raise DeviceUnreachable(self.device.id, self.last_error or "not connected")
+            raise DeviceUnreachable(self.device.id, self.last_error or "not connected yet: call connect() first")
         request_id = next(self._ids)
         self.deadlines.add(self.request_timeout if timeout is None else timeout, self, request_id, command)
         self._pending[request_id] = callback

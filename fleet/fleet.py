@@ -99,10 +99,7 @@ class Fleet:
     async def send_encoded(self, device_id: str, body: bytes, command: str, *,
                            timeout: Optional[float] = None) -> Dict[str, Any]:
         """``send`` for a request already encoded with ``encode_shared_request``: for one request sent to many devices."""
-        conn = self._connection(device_id)
-        if not conn.connected:
-            await conn.connect()
-        return await conn.start_request(body, command, timeout)
+        return await self._connection(device_id).request_encoded(body, command, timeout)
 
     async def send_all(
         self,
