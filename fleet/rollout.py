@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from agent.checks import module_name_from_filename
+from agent.errors import BadRequest
 from agent.protocol import encode_shared_request
 
 from .errors import ConfigError
@@ -31,7 +33,6 @@ from .fleet import Fleet, ResultCallback, attempt
 from .results import DeviceResult, Status
 
 _AMOUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%?)\s*$")
-_FILENAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*\.py$")
 
 
 @dataclass(frozen=True)
@@ -137,9 +138,11 @@ class RolloutReport:
 
 
 def read_handler(path: Path) -> tuple:
-    """``(filename, code)`` of a handler file, checked before anything is sent."""
-    if not _FILENAME.match(path.name):
-        raise ConfigError(f"{path}: a handler file must be named NAME.py with NAME a Python identifier")
+    """``(filename, code)`` of a handler file, its name checked by the agent's own rule before anything is sent."""
+    try:
+        module_name_from_filename(path.name)
+    except BadRequest as exc:
+        raise ConfigError(f"{path}: {exc.message}") from None
     try:
         return path.name, path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -137,7 +137,8 @@ def test_tokens_are_used_and_never_printed(tmp_path, agents, capsys, monkeypatch
 @pytest.mark.parametrize("argv, words", [
     (["-d", "/nonexistent/devices.json", "status"], "file not found"),
     (["deploy", "/nonexistent/handler.py"], "file not found"),
-    (["deploy", "README.md"], "must be named NAME.py"),
+    (["deploy", "README.md"], "handler files must end in .py"),
+    (["deploy", "class.py"], "bad filename 'class.py'"),
     (["status", "--only", "ghost"], "no device 'ghost'"),
     (["deploy", "handlers/camera_handlers.py", "--batch", "lots"], "batch must be"),
 ])
