@@ -204,64 +204,58 @@ async def cmd_deploy(fleet: Fleet, inventory: Inventory, ids: List[str], args: a
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+async def report_each(fleet: Fleet, command: Dict[str, Any], ids: List[str], args: argparse.Namespace, out: Output,
+                      summarise: Optional[Callable[[Dict[str, Any]], str]] = None, progress: bool = False) -> int:
+    """Send one command to every target, print a row per device (or the JSON document), return the exit code."""
+    results = await fleet.send_all(command, ids, timeout=args.timeout,
+                                   on_result=out.progress(len(ids)) if progress else None)
+    ordered = list(results.values())  # send_all keeps the order of ids
+    out.emit({"results": [r.as_dict() for r in ordered]}, tables.reply_table(ordered, summarise))
+    return exit_code(ordered)
+
+
 async def cmd_rollback(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
     command: Dict[str, Any] = {"command": "rollback_handler", "filename": args.file}
     if args.backup:
         command["backup"] = args.backup
-    results = await fleet.send_all(command, ids, timeout=args.timeout, on_result=out.progress(len(ids)))
-    ordered = [results[i] for i in ids]
-    out.emit({"results": [r.as_dict() for r in ordered]}, tables.reply_table(ordered))
-    return exit_code(ordered)
+    return await report_each(fleet, command, ids, args, out, progress=True)
 
 
 async def cmd_send(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
     command = {**parse_pairs(args.args), "command": args.name}
-    if args.device != "all":
-        inventory.get(args.device)
-        ids = [args.device]
-    results = await fleet.send_all(command, ids, timeout=args.timeout)
-    ordered = [results[i] for i in ids]
-    if len(ordered) == 1 and not out.as_json:
-        result = ordered[0]
-        print(json.dumps(result.reply, indent=2) if result.reply else f"{result.status.value}: {result.error}")
-    else:
-        out.emit({"results": [r.as_dict() for r in ordered]}, tables.reply_table(ordered))
-    return exit_code(ordered)
+    if args.device == "all":
+        return await report_each(fleet, command, ids, args, out)
+    inventory.get(args.device)
+    if out.as_json:
+        return await report_each(fleet, command, [args.device], args, out)
+    result = (await fleet.send_all(command, [args.device], timeout=args.timeout))[args.device]
+    print(json.dumps(result.reply, indent=2) if result.reply else f"{result.status.value}: {result.error}")
+    return exit_code([result])
 
 
 async def cmd_commands(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
-    results = await fleet.send_all({"command": "list_commands"}, ids, timeout=args.timeout)
-    ordered = [results[i] for i in ids]
-    out.emit({"results": [r.as_dict() for r in ordered]},
-             tables.reply_table(ordered, lambda reply: ", ".join(sorted(reply.get("handlers", {}))) or "(built-ins only)"))
-    return exit_code(ordered)
+    return await report_each(fleet, {"command": "list_commands"}, ids, args, out,
+                             lambda reply: ", ".join(sorted(reply.get("handlers", {}))) or "(built-ins only)")
 
 
 async def cmd_backups(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
-    results = await fleet.send_all({"command": "list_backups", "filename": args.file}, ids, timeout=args.timeout)
-    ordered = [results[i] for i in ids]
-
     def summary(reply: Dict[str, Any]) -> str:
         backups = reply.get("backups", [])
         return "; ".join(f"{b['backup']} ({short(b.get('sha256'))})" for b in backups[:3]) + \
             (f"; +{len(backups) - 3} more" if len(backups) > 3 else "") if backups else "(none)"
 
-    out.emit({"results": [r.as_dict() for r in ordered]}, tables.reply_table(ordered, summary))
-    return exit_code(ordered)
+    return await report_each(fleet, {"command": "list_backups", "filename": args.file}, ids, args, out, summary)
 
 
 async def cmd_log(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
     if args.limit < 1:
         raise ConfigError("--limit must be at least 1")
-    results = await fleet.send_all({"command": "update_log", "limit": args.limit}, ids, timeout=args.timeout)
-    ordered = [results[i] for i in ids]
 
     def summary(reply: Dict[str, Any]) -> str:
         return "; ".join(f"{e.get('action')} {e.get('file')} {short(e.get('version'))} {tables.ago(e.get('time'))}"
                          for e in reply.get("entries", [])) or "(no changes yet)"
 
-    out.emit({"results": [r.as_dict() for r in ordered]}, tables.reply_table(ordered, summary))
-    return exit_code(ordered)
+    return await report_each(fleet, {"command": "update_log", "limit": args.limit}, ids, args, out, summary)
 
 
 COMMANDS = {
