@@ -174,8 +174,8 @@ def exit_code(results: Sequence[DeviceResult]) -> int:
 async def cmd_status(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
     statuses, last = await fleet.status(ids, timeout=args.timeout)
     reachable = [i for i in ids if statuses[i].status is Status.OK]
-    drift = tables.drifted({i: statuses[i] for i in reachable})
     devices = [inventory.get(i) for i in ids]
+    drift = tables.drifted(devices, statuses)
     document = {"devices": [
         {"device": i, "address": inventory.get(i).address, "reachable": statuses[i].status is Status.OK,
          "status": statuses[i].status.value, "error": statuses[i].error,

@@ -44,33 +44,44 @@ def ago(timestamp: Optional[float], now: Optional[float] = None) -> str:
     return duration((now or time.time()) - timestamp) + " ago"
 
 
-def majority_versions(statuses: Dict[str, DeviceResult]) -> Dict[str, str]:
-    """For each handler file, the version most devices run (ties: the one seen first)."""
-    seen: Dict[str, Counter] = {}
-    for result in statuses.values():
-        for module in (result.reply or {}).get("modules", []):
-            seen.setdefault(module["file"], Counter())[module["sha256"]] += 1
-    return {file: counter.most_common(1)[0][0] for file, counter in seen.items()}
+def _running(result: DeviceResult) -> Dict[str, str]:
+    """``{handler file: sha256}`` of what a device said it runs."""
+    return {module["file"]: module["sha256"] for module in (result.reply or {}).get("modules", [])}
 
 
-def drifted(statuses: Dict[str, DeviceResult]) -> Dict[str, List[str]]:
-    """``{device_id: [files whose version differs from the fleet's majority]}``."""
-    majority = majority_versions(statuses)
+def drifted(devices: Sequence[Device], statuses: Dict[str, DeviceResult]) -> Dict[str, List[str]]:
+    """``{device_id: [handler files on which it differs from most devices of its type]}``.
+
+    Only devices that answered count. A missing file counts as a version of its
+    own: a device that lacks a handler its peers run, or runs one they do not,
+    is as far off as one on an old version. Devices are compared with others of
+    the same ``type``, because a sensor need not run the camera's handlers. When
+    devices are split evenly there is no majority to follow, and every one of
+    them is marked rather than an arbitrary half.
+    """
+    peers_by_type: Dict[str, Dict[str, Dict[str, str]]] = {}
+    for device in devices:
+        result = statuses.get(device.id)
+        if result is not None and result.status is Status.OK:
+            peers_by_type.setdefault(device.type, {})[device.id] = _running(result)
     out: Dict[str, List[str]] = {}
-    for device_id, result in statuses.items():
-        for module in (result.reply or {}).get("modules", []):
-            if majority.get(module["file"]) != module["sha256"]:
-                out.setdefault(device_id, []).append(module["file"])
+    for peers in peers_by_type.values():
+        for file in sorted({file for running in peers.values() for file in running}):
+            counts = Counter(running.get(file) for running in peers.values()).most_common(2)
+            split = len(counts) == 2 and counts[0][1] == counts[1][1]
+            for device_id, running in peers.items():
+                if split or running.get(file) != counts[0][0]:
+                    out.setdefault(device_id, []).append(file)
     return out
 
 
 def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
                  last_changes: Dict[str, Optional[Dict[str, Any]]]) -> str:
-    majority = majority_versions(statuses)
-    files = sorted(set(majority) | {f["file"] for r in statuses.values() for f in (r.reply or {}).get("failed_modules", [])})
+    drift = drifted(devices, statuses)
+    files = sorted({file for result in statuses.values() if result.status is Status.OK
+                    for file in [*_running(result), *(m["file"] for m in (result.reply or {}).get("failed_modules", []))]})
     headers = ["device", "name", "address", "reachable", "agent", "uptime", *files, "commands", "last change"]
     rows = []
-    any_drift = False
     problems = []  # why each device that did not answer did not, under the table
     for device in devices:
         result = statuses.get(device.id)
@@ -82,27 +93,24 @@ def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
             if result is not None and result.error:
                 problems.append(f"{device.id}: {result.error}")
             continue
-        modules = {m["file"]: m["sha256"] for m in reply.get("modules", [])}
+        running = _running(result)
         failed = {m["file"] for m in reply.get("failed_modules", [])}
         cells = []
         for file in files:
-            version = modules.get(file)
             if file in failed:
                 cells.append("LOAD FAILED")
-            elif version is None:
-                cells.append("-")
-            elif version != majority.get(file):
-                any_drift = True
-                cells.append(f"{short(version)} {DRIFT_MARK}")
+            elif file in drift.get(device.id, ()):
+                cells.append(f"{short(running.get(file))} {DRIFT_MARK}")
             else:
-                cells.append(short(version))
+                cells.append(short(running.get(file)))
         change = last_changes.get(device.id)
         last = f"{change['action']} {change['file']} {ago(change.get('time'))}" if change else "-"
         rows.append([device.id, device.label, device.address, "yes", reply.get("agent_version", "?"),
                      duration(reply.get("uptime_seconds")), *cells, reply.get("command_count", "-"), last])
     text = tabulate(rows, headers=headers, tablefmt="simple")
-    if any_drift:
-        text += f"\n{DRIFT_MARK} differs from the version most devices run (drift)"
+    if drift:
+        text += (f"\n{DRIFT_MARK} drift: differs from what most devices of the same type run "
+                 "(another version, or a file missing or extra), or they are split evenly")
     if problems:
         text += "\n\n" + "\n".join(problems)
     return text

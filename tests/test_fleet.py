@@ -394,11 +394,35 @@ async def test_status_table_shows_drift(start_agent):
     devices = [device_for(a, f"d{i}") for i, a in enumerate(agents)]
     async with Fleet(devices) as fleet:
         statuses = await fleet.send_all({"command": "get_status"})
-    assert drifted(statuses) == {"d2": ["ver.py"]}
+    assert drifted(devices, statuses) == {"d2": ["ver.py"]}
     table = status_table(devices, statuses, {})
     row = next(line for line in table.splitlines() if line.startswith("d2"))
     assert f"{sha(V2)[:8]} *" in row
-    assert f"{sha(V1)[:8]} *" not in table and "differs from the version most devices run" in table
+    assert f"{sha(V1)[:8]} *" not in table and "differs from what most devices of the same type run" in table
+
+
+async def test_an_even_split_marks_every_side(start_agent):
+    agents = [await start_agent(handlers={"ver": V1}), await start_agent(handlers={"ver": V2})]
+    devices = [device_for(a, f"d{i}") for i, a in enumerate(agents)]
+    async with Fleet(devices) as fleet:
+        statuses = await fleet.send_all({"command": "get_status"})
+    assert drifted(devices, statuses) == {"d0": ["ver.py"], "d1": ["ver.py"]}
+
+
+async def test_drift_counts_missing_and_extra_files_among_devices_of_one_type(start_agent):
+    """A camera that refused a push (old file kept, new one missing) stands out; a sensor does not."""
+    cams = [await start_agent(handlers={"ver": V1}), await start_agent(handlers={"ver": V1}),
+            await start_agent(handlers={"old": CLASH})]
+    sensor = await start_agent(handlers={"probe": V2.replace("handle_version", "handle_probe")})
+    devices = [device_for(a, f"cam{i}", type="camera") for i, a in enumerate(cams)]
+    devices.append(device_for(sensor, "sensor", type="sensor"))
+    async with Fleet(devices) as fleet:
+        statuses = await fleet.send_all({"command": "get_status"})
+    assert drifted(devices, statuses) == {"cam2": ["old.py", "ver.py"]}
+    table = status_table(devices, statuses, {})
+    rows = {line.split()[0]: line for line in table.splitlines()[2:] if line and not line.startswith("*")}
+    assert "- *" in rows["cam2"] and f"{sha(CLASH)[:8]} *" in rows["cam2"]
+    assert "*" not in rows["cam0"] and "*" not in rows["sensor"]
 
 
 def test_amounts_parse_counts_and_percentages():

@@ -90,6 +90,7 @@ def test_status_rollback_send_commands_backups_and_log(tmp_path, agents, capsys)
     status = json.loads(capsys.readouterr()[0])
     assert [d["device"] for d in status["devices"]] == ["d0", "d1"]
     assert all(d["reachable"] for d in status["devices"])
+    assert [d["drift"] for d in status["devices"]] == [["ver.py"], ["ver.py"]]  # split evenly: both marked
 
     assert main(["-d", str(devices), "send", "d0", "version"]) == 0
     assert json.loads(capsys.readouterr()[0])["version"] == 2
