@@ -293,4 +293,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fleet: interrupted", file=sys.stderr)
+        if args.command in ("deploy", "rollback"):
+            print("fleet: the lines above are the devices that finished; a change already sent may still complete "
+                  "on its device. Run `fleet status` to see what each device runs now.", file=sys.stderr)
         return 130

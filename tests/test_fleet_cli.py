@@ -1,6 +1,7 @@
 """The ``fleet`` CLI against real agent processes: exit codes, tables, --json, progress."""
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -147,6 +148,19 @@ def test_usage_and_config_errors_exit_2_with_a_message(argv, words, capsys, monk
     monkeypatch.chdir(REPO)
     assert main(argv) == 2
     assert words in capsys.readouterr()[1]
+
+
+def test_ctrl_c_during_a_deploy_exits_130_and_says_what_to_check(tmp_path, agents):
+    devices = inventory(tmp_path, agents)
+    slow = handler(tmp_path, "import time\n\ndef handle_slow(data):\n    time.sleep(20)\n    return {}\n", "slow.py")
+    run = subprocess.Popen([sys.executable, "-m", "fleet", "-d", str(devices), "deploy", slow, "--verify", "slow"],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stderr is not None
+    assert run.stderr.readline().startswith("rolling out slow.py")  # printed once the rollout has begun
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    assert "fleet: interrupted" in err and "Run `fleet status`" in err and "Traceback" not in err
 
 
 def test_help_and_bad_arguments():
