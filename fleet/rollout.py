@@ -61,6 +61,10 @@ class Amount:
     def __str__(self) -> str:
         return f"{self.value:g}%" if self.percent else f"{int(self.value)}"
 
+    def describe(self, total: int) -> str:
+        """``"2"`` for a count; ``"10% (2 of 20 devices)"`` for a share: what a limit comes to, in words."""
+        return f"{self} ({self.of(total)} of {total} devices)" if self.percent else str(self)
+
 
 @dataclass(frozen=True)
 class RolloutPlan:
@@ -236,15 +240,12 @@ class Rollout:
         total = len(self.targets)
         failures = sum(r.status in (Status.FAILED, Status.TIMEOUT) for r in self.results.values())
         unreachable = sum(r.status is Status.UNREACHABLE for r in self.results.values())
-        allowed = self.plan.failure_limit.of(total)
-        if failures > allowed:
-            return f"{failures} device(s) failed, more than max-failures {self.plan.max_failures} allows ({allowed})"
-        limit = self.plan.unreachable_limit
-        if limit is not None:
-            allowed = limit.of(total)
-            if unreachable > allowed:
-                return (f"{unreachable} device(s) unreachable, more than max-unreachable "
-                        f"{self.plan.max_unreachable} allows ({allowed})")
+        failure_limit, unreachable_limit = self.plan.failure_limit, self.plan.unreachable_limit
+        if failures > failure_limit.of(total):
+            return f"{failures} device(s) failed, more than max-failures {failure_limit.describe(total)} allows"
+        if unreachable_limit is not None and unreachable > unreachable_limit.of(total):
+            return (f"{unreachable} device(s) unreachable, "
+                    f"more than max-unreachable {unreachable_limit.describe(total)} allows")
         return ""
 
     async def _push(self, device_id: str) -> DeviceResult:

@@ -339,7 +339,7 @@ async def test_failures_are_counted_over_the_whole_rollout_not_per_batch(start_a
         report = await deploy(fleet, write_handler(tmp_path, V1),
                               plan=RolloutPlan(canary=1, batch=2, max_failures=1))
     # Waves: [d0], [d1, d2], [d3, d4]: one failure per batch, but two in all: halt after the third wave.
-    assert report.halted and "2 device(s) failed" in report.halt_reason
+    assert report.halt_reason == "2 device(s) failed, more than max-failures 1 allows"
     assert [report.results[d].status for d in ("d0", "d1", "d2", "d3", "d4")] == [
         Status.OK, Status.FAILED, Status.OK, Status.FAILED, Status.OK]
 
@@ -369,7 +369,9 @@ async def test_devices_offline_at_the_start_are_reported_and_max_unreachable_hal
         assert report.results["off"].status is Status.UNREACHABLE and "offline at start" in report.results["off"].note
         assert report.results["on"].status is Status.OK
         strict = await deploy(fleet, write_handler(tmp_path, V2), plan=RolloutPlan(max_unreachable=0))
-        assert strict.halted and "unreachable" in strict.halt_reason
+        assert strict.halted and strict.halt_reason == "1 device(s) unreachable, more than max-unreachable 0 allows"
+        share = await deploy(fleet, write_handler(tmp_path, V1), plan=RolloutPlan(max_unreachable="10%"))
+        assert share.halt_reason == "1 device(s) unreachable, more than max-unreachable 10% (0 of 2 devices) allows"
 
 
 async def test_a_failing_verify_command_fails_the_device(start_agent, tmp_path):
@@ -430,6 +432,7 @@ def test_amounts_parse_counts_and_percentages():
 
     assert Amount.parse("25%", "batch").of(10) == 2 and Amount.parse("10", "batch").of(99) == 10
     assert Amount.parse(3, "batch").of(1) == 3
+    assert Amount.parse("10%", "x").describe(25) == "10% (2 of 25 devices)" and Amount.parse("0", "x").describe(25) == "0"
     for bad in ("x", "-1", "120%", "1.5"):
         with pytest.raises(ConfigError):
             Amount.parse(bad, "batch")
