@@ -175,14 +175,7 @@ async def cmd_status(fleet: Fleet, inventory: Inventory, ids: List[str], args: a
     statuses, last = await fleet.status(ids, timeout=args.timeout)
     reachable = [i for i in ids if statuses[i].status is Status.OK]
     devices = [inventory.get(i) for i in ids]
-    drift = tables.drifted(devices, statuses)
-    document = {"devices": [
-        {"device": i, "address": inventory.get(i).address, "reachable": statuses[i].status is Status.OK,
-         "status": statuses[i].status.value, "error": statuses[i].error,
-         "agent": statuses[i].reply, "last_change": last.get(i), "drift": drift.get(i, [])}
-        for i in ids
-    ]}
-    out.emit(document, tables.status_table(devices, statuses, last))
+    out.emit(tables.status_document(devices, statuses, last), tables.status_table(devices, statuses, last))
     return EXIT_OK if len(reachable) == len(ids) else EXIT_FAILED
 
 
@@ -268,7 +261,7 @@ async def run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return await run_demo(agents=args.agents)
+        return await run_demo(agents=args.agents, as_json=args.json)
     inventory = load_inventory(Path(args.devices or default_devices()))
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError("--timeout must be a positive number of seconds")

@@ -14,6 +14,10 @@ What it does, and says it does:
    this machine has no camera), then repeats the rollout to show that
    up-to-date devices are skipped, and prints the status table;
 5. stops every agent and removes the folder.
+
+With ``--json`` the narration goes to stderr, and stdout carries one document
+with every result: the rollout, each command's replies, the repeat and the
+status.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List, TextIO, Tuple
 
 from . import tables
 from .fleet import Fleet
@@ -45,8 +49,11 @@ def handle_camera_status(data):
 '''
 
 
+_narration: TextIO = sys.stdout  # stderr with --json, so that stdout is one JSON document
+
+
 def say(text: str = "") -> None:
-    print(text, flush=True)
+    print(text, file=_narration, flush=True)
 
 
 def heading(text: str) -> None:
@@ -54,18 +61,27 @@ def heading(text: str) -> None:
     say(f"== {text}")
 
 
-async def run_demo(agents: int = 4) -> int:
+async def run_demo(agents: int = 4, as_json: bool = False) -> int:
+    global _narration
     if agents < 3 or agents > len(NAMES):
         print(f"fleet demo: --agents must be from 3 to {len(NAMES)}", file=sys.stderr)
         return 2
     if not HANDLER.exists():
         print(f"fleet demo: {HANDLER} not found (run the demo from a checkout of the project)", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="pifleet-demo-") as tmp:
-        base = Path(tmp)
-        with LocalAgents(base) as local:
-            inventory_path = await asyncio.to_thread(_start_agents, local, base, agents)
-            return await _rollout(inventory_path)
+    _narration = sys.stderr if as_json else sys.stdout
+    try:
+        with tempfile.TemporaryDirectory(prefix="pifleet-demo-") as tmp:
+            base = Path(tmp)
+            with LocalAgents(base) as local:
+                inventory_path = await asyncio.to_thread(_start_agents, local, base, agents)
+                code, document = await _rollout(inventory_path)
+    finally:
+        _narration = sys.stdout
+    if as_json:
+        json.dump(document, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    return code
 
 
 def _start_agents(local: LocalAgents, base: Path, count: int) -> Path:
@@ -117,7 +133,7 @@ def _progress(total: int):
     return report
 
 
-async def _rollout(inventory_path: Path) -> int:
+async def _rollout(inventory_path: Path) -> Tuple[int, Dict[str, Any]]:
     inventory = load_inventory(inventory_path)
     ids = [d.id for d in inventory.devices]
     plan = RolloutPlan(canary=1, batch=2, max_failures=1, verify="camera_status")
@@ -156,9 +172,17 @@ async def _rollout(inventory_path: Path) -> int:
         heading("fleet status")
         statuses, last = await fleet.status(ids)
         say(tables.status_table(inventory.devices, statuses, last))
+    document = {
+        "rollout": report.as_dict(),
+        "start_recording": [started[d].as_dict() for d in live],
+        "camera_status": [status[d].as_dict() for d in live],
+        "stop_recording": [stopped[d].as_dict() for d in live],
+        "rollout_again": again.as_dict(),
+        "status": tables.status_document(inventory.devices, statuses, last),
+    }
     heading("Stopping the agents and removing the demo folder")
     say("Next: run agents on your Pis (README: 'Installing the agent on a Pi'), list them in devices.json,\n"
         "and run `fleet status` and `fleet deploy`.")
     expected = (report.results[ids[0]].status is Status.OK and report.results[OFFLINE].status is Status.UNREACHABLE
                 and all(r.status is Status.OK for r in started.values()))
-    return 0 if expected else 1
+    return (0 if expected else 1), document

@@ -1,7 +1,8 @@
 """Tables for people: pure functions from results to text (tabulate).
 
 Nothing here talks to a device; every function takes results and returns a
-string, so the CLI's ``--json`` and its tables come from the same data.
+string (or, for ``--json``, a document), so the CLI's JSON and its tables come
+from the same data.
 """
 
 from __future__ import annotations
@@ -114,6 +115,19 @@ def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
     if problems:
         text += "\n\n" + "\n".join(problems)
     return text
+
+
+def status_document(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
+                    last_changes: Dict[str, Optional[Dict[str, Any]]]) -> Dict[str, Any]:
+    """What ``status_table`` shows, as one JSON-ready document (``--json``)."""
+    drift = drifted(devices, statuses)
+    return {"devices": [
+        {"device": device.id, "address": device.address, "reachable": statuses[device.id].status is Status.OK,
+         "status": statuses[device.id].status.value, "error": statuses[device.id].error,
+         "agent": statuses[device.id].reply, "last_change": last_changes.get(device.id),
+         "drift": drift.get(device.id, [])}
+        for device in devices
+    ]}
 
 
 def rollout_table(results: Sequence[DeviceResult]) -> str:

@@ -177,3 +177,16 @@ def test_demo_runs_end_to_end():
     out = run.stdout
     assert "UNREACHABLE" in out and "offered by both old_camera.py and camera_handlers.py" in out
     assert "Recording stopped with SIGINT" in out and "3 SKIPPED" in out
+
+
+def test_demo_json_is_one_document_on_stdout_and_the_story_on_stderr():
+    run = subprocess.run([sys.executable, "-m", "fleet", "demo", "--json"], capture_output=True, text=True,
+                         cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr
+    document = json.loads(run.stdout)
+    assert document["rollout"]["counts"] == {"OK": 3, "FAILED": 1, "UNREACHABLE": 1}
+    assert document["rollout_again"]["counts"] == {"SKIPPED": 3, "FAILED": 1, "UNREACHABLE": 1}
+    assert [r["status"] for r in document["stop_recording"]] == ["OK"] * 3
+    drift = {d["device"]: d["drift"] for d in document["status"]["devices"]}
+    assert drift["raspi_pit"] == ["camera_handlers.py", "old_camera.py"] and drift["raspi_main"] == []
+    assert "== fleet deploy" in run.stderr and "Starting 4 local agents" in run.stderr
