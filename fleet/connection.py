@@ -53,6 +53,12 @@ def _settle(future: "asyncio.Future[Dict[str, Any]]") -> ReplyCallback:
     return callback
 
 
+def _excerpt(line: bytes, limit: int = 40) -> str:
+    """The start of a line a person can read in an error message: ``'HTTP/1.1 400 Bad Request'``."""
+    text = repr(line[:limit].decode("utf-8", "replace").rstrip("\r\n"))
+    return text + ("..." if len(line) > limit else "")
+
+
 class DeadlineQueue:
     """Time limits for many requests that share one timeout, kept with one timer instead of one each.
 
@@ -262,7 +268,8 @@ class DeviceConnection:
         try:
             reply = decode_message(line)
         except ValueError:
-            self._drop("the device sent something that is not a JSON object")
+            self._drop(f"the device answered {_excerpt(line)}, which is not a JSON object "
+                       "(is something other than pi-agent listening on this port?)")
             return
         self.last_reply_at = time.monotonic()
         reply_id = reply.get("id")

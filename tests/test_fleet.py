@@ -242,6 +242,29 @@ async def test_send_all_with_one_device_down_and_one_too_slow(start_agent):
         assert (await blocker)["released"] is True
 
 
+async def test_a_device_that_answers_something_else_is_failed_and_named(start_agent):
+    """Another service on the agent's port: a FAILED result that quotes it; the other devices are unharmed."""
+    async def not_an_agent(reader, writer):
+        await reader.readline()
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    agent = await start_agent()
+    server = await asyncio.start_server(not_an_agent, "127.0.0.1", 0)
+    try:
+        other = Device(id="web", host="127.0.0.1", port=server.sockets[0].getsockname()[1])
+        async with Fleet([device_for(agent, "pi"), other]) as fleet:
+            results = await fleet.send_all({"command": "ping"})
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert results["pi"].status is Status.OK
+    assert results["web"].status is Status.FAILED
+    assert "'HTTP/1.1 400 Bad Request', which is not a JSON object" in results["web"].error
+    assert "something other than pi-agent" in results["web"].error
+
+
 async def test_a_request_after_the_agent_restarted_reconnects(tmp_path, spawn_agent):
     proc = spawn_agent(root=tmp_path / "dev")
     device = Device(id="a", host="127.0.0.1", port=proc.address[1])
