@@ -110,9 +110,19 @@ class Connection {
       if (line) this.onLine(line);
     }
     if (this.buffer.length > this.options.maxLineBytes) {
-      this.lastError = 'reply larger than the client limit';
-      this.socket.destroy();
+      this.drop('reply larger than the client limit');
     }
+  }
+
+  /** The device broke the protocol: fail what waits on it with `protocol_error`, and hang up. */
+  drop(reason) {
+    this.lastError = reason;
+    for (const [id, waiter] of this.pending) {
+      clearTimeout(waiter.timer);
+      waiter.reject(new PiFleetError(this.config.id, 'protocol_error', reason));
+      this.pending.delete(id);
+    }
+    this.socket.destroy();
   }
 
   onLine(line) {
@@ -120,8 +130,9 @@ class Connection {
     try {
       message = JSON.parse(line);
     } catch (err) {
-      this.lastError = 'the device sent something that is not JSON';
-      this.socket.destroy();
+      const excerpt = JSON.stringify(line.slice(0, 40)) + (line.length > 40 ? '...' : '');
+      this.drop(`the device answered ${excerpt}, which is not JSON ` +
+        '(is something other than pi-agent listening on this port?)');
       return;
     }
     this.lastReplyAt = Date.now();

@@ -128,6 +128,26 @@ test('requestAll settles one result per device, with a device down', async (t) =
   assert.equal(results.down.reason.code, 'unreachable');
 });
 
+test('a device that answers something other than JSON fails with protocol_error, naming what it sent', async (t) => {
+  const agent = await startAgent();
+  const web = net.createServer((socket) => {
+    socket.once('data', () => socket.end('HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n'));
+  });
+  web.listen(0, '127.0.0.1');
+  await once(web, 'listening');
+  const client = new PiFleetClient({ connectTimeout: 2000, reconnect: false });
+  t.after(async () => { client.close(); web.close(); await agent.stop(); });
+  client.addRaspberryPi({ id: 'pi', host: '127.0.0.1', port: agent.port });
+  client.addRaspberryPi({ id: 'web', host: '127.0.0.1', port: web.address().port });
+
+  const results = await client.requestAll({ command: 'ping' });
+  assert.equal(results.pi.value.message, 'pong');
+  assert.equal(results.web.status, 'rejected');
+  assert.equal(results.web.reason.code, 'protocol_error');
+  assert.match(results.web.reason.message, /answered "HTTP\/1\.1 400 Bad Request", which is not JSON/);
+  assert.match(results.web.reason.message, /something other than pi-agent/);
+});
+
 test('the client reconnects by itself after the agent restarts', async (t) => {
   const root = tempRoot();
   let agent = await startAgent({ root });
