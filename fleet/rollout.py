@@ -309,8 +309,10 @@ class Rollout:
                 result.note = (f"rolled back to {short(result.old_version)}" if result.old_version
                                else "rolled back: the new file was removed")
                 result.new_version = result.old_version
-            else:
-                result.note = f"rollback failed: {undone.error}"
+            else:  # the device stays on the new version while the others went back: that must stand out
+                reason = f"rollback failed, still on {short(result.new_version)}: {undone.error}"
+                result.status, result.code = Status.FAILED, "rollback_failed"
+                result.error = f"{result.error}; {reason}" if result.error else reason
             return result
 
         await self.fleet.run_each(changed, undo, self._finish)

@@ -11,7 +11,7 @@ from fleet import ConfigError, Device, Fleet, RolloutPlan, Status, deploy, load_
 from fleet.errors import CommandTimeout, DeviceUnreachable
 from fleet.fleet import attempt
 from fleet.local import free_port
-from fleet.tables import drifted, status_table
+from fleet.tables import drifted, rollout_table, status_table
 
 V1 = "VERSION = 1\n\ndef handle_version(data):\n    return {'version': VERSION}\n"
 V2 = "VERSION = 2\n\ndef handle_version(data):\n    return {'version': VERSION}\n"
@@ -353,6 +353,26 @@ async def test_rollback_on_failure_restores_what_every_changed_device_ran_before
         assert (await fleet.send("d1", {"command": "version"}))["code"] == "unknown_command"
     assert (agents[0].config.handlers_dir / "ver.py").read_text() == V1
     assert not (agents[1].config.handlers_dir / "ver.py").exists()
+
+
+async def test_a_changed_device_that_cannot_be_rolled_back_is_failed_and_says_so(tmp_path, spawn_agent):
+    (tmp_path / "d1" / "handlers").mkdir(parents=True)
+    (tmp_path / "d1" / "handlers" / "old.py").write_text(CLASH)  # d1 refuses the push: the rollout halts
+    procs = [spawn_agent(root=tmp_path / f"d{i}") for i in range(2)]
+    devices = [Device(id=f"d{i}", host="127.0.0.1", port=p.address[1]) for i, p in enumerate(procs)]
+
+    def kill_d0_once_changed(result):
+        if result.device_id == "d0" and result.status is Status.OK:
+            procs[0].kill()
+
+    async with Fleet(devices, connect_timeout=2) as fleet:
+        report = await deploy(fleet, write_handler(tmp_path, V1), on_result=kill_d0_once_changed,
+                              plan=RolloutPlan(canary=1, batch=1, rollback_on_failure=True))
+    d0 = report.results["d0"]
+    assert report.halted and d0.status is Status.FAILED and d0.code == "rollback_failed"
+    assert d0.error.startswith(f"rollback failed, still on {sha(V1)[:8]}: ") and d0.new_version == sha(V1)
+    row = next(line for line in rollout_table(list(report.results.values())).splitlines() if line.startswith("d0"))
+    assert "FAILED" in row and "rollback failed" in row
 
 
 async def test_failures_are_counted_over_the_whole_rollout_not_per_batch(start_agent, tmp_path):
