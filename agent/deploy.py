@@ -30,6 +30,7 @@ import concurrent.futures
 import functools
 import inspect
 import logging
+import re
 import time
 from typing import Any, Callable, Dict, List, Optional, Set, TypeVar
 
@@ -50,6 +51,7 @@ T = TypeVar("T")
 DEFAULT_LOG_LIMIT = 50
 MAX_LOG_LIMIT = 1000
 KEEP_AUTO_ROLLBACKS = 20
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class ChecksumMismatch(AgentError):
@@ -177,13 +179,49 @@ class Deployer:
         wanted = request.args.get("backup")
         if wanted is not None and not isinstance(wanted, str):
             raise BadRequest("'backup' must be a backup name from list_backups")
+        to_version = _version_arg(request.args, "to_version")
+        if_version = _version_arg(request.args, "if_version")
+        if wanted is not None and to_version is not None:
+            raise BadRequest("give 'backup' or 'to_version', not both")
         async with self._lock(name):
-            backup, source = await self._run(self._choose_backup, name, wanted)
+            elsewhere = await self._run(self._unless_at, name, if_version)
+            if elsewhere is not None:
+                return elsewhere
+            backup, source = await self._run(self._choose_backup, name, wanted, to_version)
             return await self._deploy(name, source, action="rollback", restored_from=backup)
 
-    def _choose_backup(self, name: str, wanted: Optional[str]) -> tuple:
+    def _unless_at(self, name: str, if_version: Optional[str]) -> Optional[Dict[str, Any]]:
+        """With ``if_version``: the reply that changes nothing, when the live file is at another version.
+
+        A controller undoing its own push names the version it pushed. If that
+        push never took effect, or someone has deployed since, the undo must
+        leave the file alone. Callers hold the file's lock, so a push still
+        running finishes first and the answer is final.
+        """
+        if if_version is None:
+            return None
+        live = self.store.read_live(name)
+        live_version = sha256_hex(live) if live is not None else None
+        if live_version == if_version:
+            return None
+        return {
+            "type": "handler_unchanged",
+            "message": (f"handlers/{name}.py is {'at ' + live_version[:12] if live_version else 'not there'}, "
+                        f"not at {if_version[:12]}: nothing was changed"),
+            "filename": f"handlers/{name}.py",
+            "unchanged": True,
+            "version": live_version,
+        }
+
+    def _choose_backup(self, name: str, wanted: Optional[str], to_version: Optional[str] = None) -> tuple:
         if wanted is not None:
             return wanted.replace(".backups/", "", 1), self.store.read_backup(name, wanted)
+        if to_version is not None:
+            for entry in self.store.backups(name):
+                data = self.store.read_backup(name, entry["backup"])
+                if sha256_hex(data) == to_version:
+                    return entry["backup"], data
+            raise NotFound(f"no backup of {name}.py is at version {to_version[:12]}")
         live = self.store.read_live(name)
         live_version = sha256_hex(live) if live is not None else None
         backups = self.store.backups(name)
@@ -208,7 +246,11 @@ class Deployer:
     async def delete_handler(self, request: Request) -> Dict[str, Any]:
         name = module_name_from_filename(request.args.get("filename"))
         keep_backup = _flag(request.args, "backup", default=True)
+        if_version = _version_arg(request.args, "if_version")
         async with self._lock(name):
+            elsewhere = await self._run(self._unless_at, name, if_version)
+            if elsewhere is not None:
+                return elsewhere
             return await self._delete(name, keep_backup=keep_backup, action="delete")
 
     async def list_backups(self, request: Request) -> Dict[str, Any]:
@@ -474,6 +516,16 @@ def _flag(args: Dict[str, Any], key: str, default: bool = False) -> bool:
     if not isinstance(value, bool):
         raise BadRequest(f"'{key}' must be true or false, got {value!r}")
     return value
+
+
+def _version_arg(args: Dict[str, Any], key: str) -> Optional[str]:
+    """An optional sha256 argument (``if_version``, ``to_version``), lower-cased."""
+    value = args.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise BadRequest(f"'{key}' must be a sha256 of 64 hex digits, as get_status and list_backups show it")
+    return value.lower()
 
 
 def _log_entry(action: str, name: str, version: Optional[str], previous: Optional[str], **extra: Any) -> Dict[str, Any]:

@@ -2,7 +2,9 @@
 
 import asyncio
 import hashlib
+import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -324,6 +326,58 @@ async def test_rollback_to_a_named_backup(start_agent, connect):
     assert missing["code"] == "not_found"
     foreign = await client.call("rollback_handler", filename="ver.py", backup="handlers_other.py_20000101_000000.backup")
     assert foreign["code"] == "bad_request"
+
+
+def waits_for(flag: Path, n: int, fail: bool = False) -> str:
+    """Version ``n`` of ver.py, whose import waits until ``flag`` exists (then fails, with ``fail``)."""
+    wait = f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n    time.sleep(0.01)\n"
+    return wait + ("raise RuntimeError('broken on purpose')\n" if fail else "") + version_module(n)
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def test_a_conditional_rollback_waits_for_a_running_push_and_undoes_only_that_version(start_agent, connect,
+                                                                                          tmp_path):
+    """``if_version`` + ``to_version``: how a controller undoes a push whose reply it never got."""
+    client = await connect(await start_agent())
+    await deploy(client, "ver.py", version_module(1))
+    for fail in (False, True):
+        flag = tmp_path / f"go-{fail}"
+        pushed = waits_for(flag, 2, fail)
+        # Both requests in one write: the push takes the file's lock first, the undo queues behind it.
+        await client.send_raw(
+            (json.dumps({"command": "update_handler", "filename": "ver.py", "code": pushed, "id": "push"}) + "\n"
+             + json.dumps({"command": "rollback_handler", "filename": "ver.py", "id": "undo",
+                           "if_version": sha(pushed), "to_version": sha(version_module(1))}) + "\n").encode())
+        flag.touch()
+        push, undo = await client.reply(), await client.reply()
+        assert (push["id"], undo["id"]) == ("push", "undo")
+        if fail:  # the push was refused: nothing to undo, and the undo does not roll back further
+            assert push["success"] is False and undo["success"] is True and undo["unchanged"] is True
+            assert undo["version"] == sha(version_module(1)) and "nothing was changed" in undo["message"]
+        else:  # the push landed first; the undo saw it and put version 1 back
+            assert push["success"] is True and undo["success"] is True and not undo.get("unchanged")
+            assert undo["previous_version"] == sha(pushed) and undo["version"] == sha(version_module(1))
+        assert (await client.call("version"))["version"] == 1
+
+
+async def test_conditional_rollback_and_delete_leave_another_version_alone(start_agent, connect):
+    client = await connect(await start_agent())
+    for n in (1, 2):
+        await deploy(client, "ver.py", version_module(n))
+    other = sha(version_module(3))
+    for command in ("rollback_handler", "delete_handler"):
+        reply = await client.call(command, filename="ver.py", if_version=other)
+        assert reply["success"] is True and reply["unchanged"] is True and reply["type"] == "handler_unchanged"
+        assert (await client.call("version"))["version"] == 2
+    missing = await client.call("rollback_handler", filename="ver.py", to_version=other)
+    assert missing["code"] == "not_found" and other[:12] in missing["error"]
+    assert (await client.call("delete_handler", filename="ver.py", if_version=sha(version_module(2)).upper()))["success"]
+    assert (await client.call("version"))["code"] == "unknown_command"
+    for bad in ({"if_version": "abc"}, {"to_version": 5}, {"backup": "x", "to_version": other}):
+        assert (await client.call("rollback_handler", filename="ver.py", **bad))["code"] == "bad_request"
 
 
 async def test_rollback_without_a_backup_is_not_found(start_agent, connect):
