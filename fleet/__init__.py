@@ -7,14 +7,15 @@
         report = await deploy(fleet, "handlers/camera_handlers.py", plan=RolloutPlan(verify="camera_status"))
 """
 
-from .errors import CommandTimeout, ConfigError, DeviceUnreachable, FleetError, RemoteError, UnknownDevice
+from .errors import (CommandTimeout, ConfigError, ConnectionLost, DeviceUnreachable, FleetError, ProtocolError,
+                     RemoteError, UnknownDevice)
 from .fleet import Fleet
 from .inventory import Device, Inventory, load_inventory, parse_inventory
 from .results import DeviceResult, Status
 from .rollout import Amount, RolloutPlan, RolloutReport, deploy
 
 __all__ = [
-    "Amount", "CommandTimeout", "ConfigError", "Device", "DeviceResult", "DeviceUnreachable", "Fleet",
-    "FleetError", "Inventory", "RemoteError", "RolloutPlan", "RolloutReport", "Status", "UnknownDevice",
+    "Amount", "CommandTimeout", "ConfigError", "ConnectionLost", "Device", "DeviceResult", "DeviceUnreachable", "Fleet",
+    "FleetError", "Inventory", "ProtocolError", "RemoteError", "RolloutPlan", "RolloutReport", "Status", "UnknownDevice",
     "deploy", "load_inventory", "parse_inventory",
 ]

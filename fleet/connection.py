@@ -23,7 +23,7 @@ from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from agent.protocol import LineReader, address_request, decode_message, encode_shared_request, token_field
 
-from .errors import CommandTimeout, DeviceError, DeviceUnreachable, ProtocolError
+from .errors import CommandTimeout, ConnectionLost, DeviceError, DeviceUnreachable, ProtocolError
 from .inventory import Device
 
 log = logging.getLogger(__name__)
@@ -292,7 +292,10 @@ class DeviceConnection:
             self._lost.set()
         if not self._closed:
             self.last_error = f"connection lost: {exc}" if exc else "connection closed by the device"
-        self._fail_pending(DeviceUnreachable(self.device.id, self.last_error or "connection closed"))
+        if self._pending:
+            self._fail_pending(ConnectionLost(
+                self.device.id, f"{self.last_error or 'connection closed'} before it answered (it may or may not "
+                "have run the request)"))
 
     def _fail_pending(self, error: DeviceError) -> None:
         pending, self._pending = self._pending, {}

@@ -10,6 +10,7 @@ these for a single device; it turns them into per-device results.
     +-- UnknownDevice        a device id that is not in the inventory
     +-- DeviceError          something about one device
         +-- DeviceUnreachable    could not connect, or the connection dropped
+        |   +-- ConnectionLost       it dropped with our request unanswered: it may have run
         +-- CommandTimeout       no reply within the time limit
         +-- ProtocolError        the device answered something that is not our protocol
         +-- RemoteError          the agent answered success: false (code, message)
@@ -41,6 +42,12 @@ class DeviceError(FleetError):
 
 class DeviceUnreachable(DeviceError):
     code = "unreachable"
+
+
+class ConnectionLost(DeviceUnreachable):
+    """The connection dropped while a request waited for its reply: the device may or may not have run it."""
+
+    code = "connection_lost"
 
 
 class CommandTimeout(DeviceError):

@@ -257,8 +257,8 @@ def _failed(device_id: str, exc: BaseException) -> DeviceResult:
         return DeviceResult(device_id, Status.FAILED, error=f"internal error: {exc!r}", code="internal_error")
     if isinstance(exc, CommandTimeout):
         return DeviceResult(device_id, Status.TIMEOUT, error=exc.message, code="timeout")
-    if isinstance(exc, DeviceUnreachable):
-        return DeviceResult(device_id, Status.UNREACHABLE, error=exc.message, code="unreachable")
+    if isinstance(exc, DeviceUnreachable):  # code: unreachable, or connection_lost (the request may have run)
+        return DeviceResult(device_id, Status.UNREACHABLE, error=exc.message, code=exc.code)
     return DeviceResult(device_id, Status.FAILED, error=exc.message, code=exc.code)
 
 

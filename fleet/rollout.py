@@ -22,7 +22,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Union
 
 from agent.checks import module_name_from_filename
 from agent.errors import BadRequest
@@ -172,6 +172,9 @@ class Rollout:
         self.on_result = on_result
         self.results: Dict[str, DeviceResult] = {}
         self.old_versions: Dict[str, Optional[str]] = {}
+        self._unsure: Set[str] = set()  # pushes sent but never answered (timeout, connection lost): may have landed
+        # An undo may queue on the device behind a push still running there, so it waits at least as long.
+        self._undo_timeout = max(plan.timeout or 0.0, fleet.request_timeout)
         # Encoded once for the whole fleet: the code is the bulk of every push.
         self._push_body = encode_shared_request({"command": "update_handler", "filename": filename, "code": code,
                                        "sha256": self.version, "dry_run": plan.dry_run, "probation": plan.probation})
@@ -269,6 +272,9 @@ class Rollout:
                 await self._check_live(device_id, result)
         elif result.status is Status.FAILED and reply.get("rolled_back"):
             result.note = "refused at load; the device put the previous version back"
+        elif result.status is Status.TIMEOUT or result.code == "connection_lost":
+            self._unsure.add(device_id)
+            result.note = "sent, but not answered: it may still complete there (fleet status shows what runs)"
         result.seconds = time.perf_counter() - started
         return result
 
@@ -295,27 +301,48 @@ class Rollout:
             result.note += f", verify {self.plan.verify} ok"
 
     async def _roll_back(self) -> None:
-        changed = [d for d, r in self.results.items() if r.changed]
+        """Put every device this rollout changed, or may have changed, back to what it ran before.
 
-        async def undo(device_id: str) -> DeviceResult:
-            result = self.results[device_id]
-            if result.old_version is None:
-                command: Dict[str, Any] = {"command": "delete_handler", "filename": self.filename, "backup": True}
-            else:
-                command = {"command": "rollback_handler", "filename": self.filename, "backup": result.backup}
-            undone = await attempt(self.fleet.send(device_id, command, timeout=self.plan.timeout), device_id)
-            if undone.status is Status.OK:
-                result.status = Status.ROLLED_BACK
-                result.note = (f"rolled back to {short(result.old_version)}" if result.old_version
-                               else "rolled back: the new file was removed")
-                result.new_version = result.old_version
-            else:  # the device stays on the new version while the others went back: that must stand out
-                reason = f"rollback failed, still on {short(result.new_version)}: {undone.error}"
-                result.status, result.code = Status.FAILED, "rollback_failed"
-                result.error = f"{result.error}; {reason}" if result.error else reason
-            return result
+        Each undo names the version this rollout pushed (``if_version``), so the
+        agent changes nothing if the device runs something else by then: a push
+        that never landed, or a deploy made since. For a push whose reply never
+        came, the undo queues on the device behind that push, if it is still
+        running, and then finds the old version by its sha256 (``to_version``).
+        """
+        targets = [d for d, r in self.results.items() if r.changed or d in self._unsure]
+        await self.fleet.run_each(targets, self._undo, self._finish)
 
-        await self.fleet.run_each(changed, undo, self._finish)
+    async def _undo(self, device_id: str) -> DeviceResult:
+        result = self.results[device_id]
+        unsure = device_id in self._unsure
+        old = result.old_version
+        command: Dict[str, Any] = {"filename": self.filename, "if_version": self.version}
+        if old is None:
+            command.update(command="delete_handler", backup=True)
+        elif unsure:
+            command.update(command="rollback_handler", to_version=old)
+        else:
+            command.update(command="rollback_handler", backup=result.backup)
+        undone = await attempt(self.fleet.send(device_id, command, timeout=self._undo_timeout), device_id)
+        reply = undone.reply or {}
+        if undone.status is not Status.OK:
+            # The device may stay on the new version while the others went back: that must stand out.
+            state = f"may still run {short(self.version)}" if unsure else f"still on {short(self.version)}"
+            reason = f"rollback failed, {state}: {undone.error}"
+            result.status, result.code = Status.FAILED, "rollback_failed"
+            result.error = f"{result.error}; {reason}" if result.error else reason
+        elif not reply.get("unchanged"):
+            result.status, result.new_version = Status.ROLLED_BACK, old
+            back = f"rolled back to {short(old)}" if old else "rolled back: the new file was removed"
+            result.note = f"the push had landed after all; {back}" if unsure else back
+        elif reply.get("version") == old:
+            if not unsure:  # the agent's probation, or someone, already put it back
+                result.status, result.new_version = Status.ROLLED_BACK, old
+            result.note = f"checked: it still runs what it ran before ({short(old)}); the push did not land or was undone"
+        else:
+            result.note = (f"not rolled back: it runs {short(reply.get('version'))} now, "
+                           "which neither this rollout pushed nor it ran before")
+        return result
 
 
 async def deploy(fleet: Fleet, path: Union[str, Path], targets: Optional[Sequence[str]] = None,

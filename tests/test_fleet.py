@@ -375,6 +375,51 @@ async def test_a_changed_device_that_cannot_be_rolled_back_is_failed_and_says_so
     assert "FAILED" in row and "rollback failed" in row
 
 
+@pytest.mark.parametrize("lands", [True, False])
+async def test_a_push_that_timed_out_is_checked_and_undone_if_it_landed_after_all(start_agent, tmp_path, lands):
+    """The push is answered only after the rollout gave up on it: the undo queues behind it on the device."""
+    flag = tmp_path / "go"
+    wait = f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n    time.sleep(0.01)\n"
+    slow = wait + ("" if lands else "raise RuntimeError('broken on purpose')\n") + V2
+    agent = await start_agent(handlers={"ver": V1})
+
+    def release_once_timed_out(result):
+        if result.status is Status.TIMEOUT and not flag.exists():  # (called again with the undo's outcome)
+            assert "may still complete" in result.note
+            flag.touch()
+
+    async with Fleet([device_for(agent, "d0")], request_timeout=30) as fleet:
+        report = await deploy(fleet, write_handler(tmp_path, slow), on_result=release_once_timed_out,
+                              plan=RolloutPlan(timeout=0.5, rollback_on_failure=True))
+        assert (await fleet.send("d0", {"command": "version"}))["version"] == 1
+        log = (await fleet.send("d0", {"command": "update_log"}))["entries"]
+    result = report.results["d0"]
+    assert report.halted and flag.exists()
+    if lands:
+        assert result.status is Status.ROLLED_BACK and result.note == f"the push had landed after all; rolled back to {sha(V1)[:8]}"
+    else:
+        assert result.status is Status.TIMEOUT and "checked: it still runs what it ran before" in result.note
+    # Newest first: the undo, then the late push; nothing at all when the push did not land.
+    assert [e["action"] for e in log] == (["rollback", "deploy"] if lands else [])
+
+
+async def test_a_connection_lost_with_a_request_unanswered_says_it_may_have_run():
+    async def hang_up(reader, writer):
+        await reader.readline()
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    try:
+        device = Device(id="flaky", host="127.0.0.1", port=server.sockets[0].getsockname()[1])
+        async with Fleet([device]) as fleet:
+            result = (await fleet.send_all({"command": "ping"}))["flaky"]
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert result.status is Status.UNREACHABLE and result.code == "connection_lost"
+    assert "before it answered (it may or may not have run the request)" in result.error
+
+
 async def test_failures_are_counted_over_the_whole_rollout_not_per_batch(start_agent, tmp_path):
     agents = [await start_agent(), await start_agent(handlers={"old": CLASH}), await start_agent(),
               await start_agent(handlers={"old": CLASH}), await start_agent()]

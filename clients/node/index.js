@@ -31,7 +31,7 @@ class PiFleetError extends Error {
     super(`${raspiId}: ${message}`);
     this.name = 'PiFleetError';
     this.raspiId = raspiId;
-    this.code = code; // 'timeout', 'unreachable', 'not_connected', 'protocol_error', or the agent's code
+    this.code = code; // 'timeout', 'unreachable', 'connection_lost', 'not_connected', 'protocol_error', or the agent's code
     if (reply !== undefined) this.reply = reply;
   }
 }
@@ -154,7 +154,9 @@ class Connection {
     this.stopHeartbeat();
     for (const [id, waiter] of this.pending) {
       clearTimeout(waiter.timer);
-      waiter.reject(new PiFleetError(this.config.id, 'unreachable', this.lastError || 'connection closed'));
+      // Sent, never answered: the device may or may not have run it (the Python controller says the same).
+      waiter.reject(new PiFleetError(this.config.id, 'connection_lost',
+        `${this.lastError || 'connection closed'} before it answered (it may or may not have run the request)`));
       this.pending.delete(id);
     }
     if (wasConnected) this.fleet.emit('disconnected', this.config.id);

@@ -148,6 +148,20 @@ test('a device that answers something other than JSON fails with protocol_error,
   assert.match(results.web.reason.message, /something other than pi-agent/);
 });
 
+test('a connection that drops with a request unanswered rejects it with connection_lost', async (t) => {
+  const hangUp = net.createServer((socket) => { socket.once('data', () => socket.end()); });
+  hangUp.listen(0, '127.0.0.1');
+  await once(hangUp, 'listening');
+  const client = new PiFleetClient({ connectTimeout: 2000, reconnect: false });
+  t.after(() => { client.close(); hangUp.close(); });
+  client.addRaspberryPi({ id: 'flaky', host: '127.0.0.1', port: hangUp.address().port });
+  await assert.rejects(client.request('flaky', { command: 'ping' }), (err) => {
+    assert.equal(err.code, 'connection_lost');
+    assert.match(err.message, /may or may not have run the request/);
+    return true;
+  });
+});
+
 test('the client reconnects by itself after the agent restarts', async (t) => {
   const root = tempRoot();
   let agent = await startAgent({ root });
