@@ -122,5 +122,7 @@ async def test_agent_runs_on_python_3_9_standard_library_only(tmp_path, spawn_ag
                               code=fixture_text("seed_camera_step1.py"))
     assert reply["success"] is True, reply
     assert reply["reload"]["commands"] == ["start_recording", "stop_recording", "camera_status"]
+    undo = await client.call("rollback_handler", filename="camera_handlers.py", if_version="0" * 64)
+    assert undo["success"] is True and undo["unchanged"] is True, undo
     await client.close()
     assert proc.terminate() == 0
