@@ -150,7 +150,7 @@ class Output:
 
         def report(result: DeviceResult) -> None:
             self.done += 1
-            print(tables.progress_line(result, min(self.done, total), total), file=sys.stderr, flush=True)
+            print(tables.progress_line(result, self.done, total), file=sys.stderr, flush=True)
 
         return report
 

@@ -128,7 +128,7 @@ def _progress(total: int):
 
     def report(result: DeviceResult) -> None:
         done[0] += 1
-        say("  " + tables.progress_line(result, min(done[0], total), total))
+        say("  " + tables.progress_line(result, done[0], total))
 
     return report
 

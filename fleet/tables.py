@@ -162,10 +162,15 @@ def _summary(reply: Dict[str, Any]) -> str:
 
 
 def progress_line(result: DeviceResult, done: int, total: int) -> str:
-    """One line per device as results arrive, so a long rollout shows it is moving."""
+    """One line per device as results arrive, so a long rollout shows it is moving.
+
+    A rollout reports every target once; results after that (``done > total``)
+    are its undos, after a halt with rollback on failure, and say so.
+    """
     width = len(str(total))
+    position = f"{done:>{width}}/{total}" if done <= total else "undo".center(2 * width + 1)
     detail = result.error or result.note or ""
     versions = ""
     if result.old_version or result.new_version:
         versions = f" {short(result.old_version)} -> {short(result.new_version)}"
-    return f"[{done:>{width}}/{total}] {result.device_id:<16} {result.status.value:<11}{versions}  {detail}".rstrip()
+    return f"[{position}] {result.device_id:<16} {result.status.value:<11}{versions}  {detail}".rstrip()

@@ -77,6 +77,18 @@ def test_a_halted_rollout_exits_1(tmp_path, agents, capsys):
     assert "HALTED" in out and "SKIPPED" in out and "Dangerous pattern detected" in out
 
 
+def test_a_halted_rollout_with_rollback_marks_the_undo_lines(tmp_path, agents, capsys):
+    clash = agents.base / "d2" / "handlers"
+    clash.mkdir(parents=True)
+    (clash / "old.py").write_text(V1.replace("VERSION = 1", "VERSION = 0"))  # offers 'version' too: d2 refuses
+    devices = inventory(tmp_path, agents, count=3)
+    assert main(["-d", str(devices), "deploy", handler(tmp_path, V1), "--batch", "1", "--rollback-on-failure"]) == 1
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["[1/3]", "[2/3]", "[3/3]", "[undo]", "[undo]"]
+    assert all("ROLLED_BACK" in line for line in lines[4:]) and "1 FAILED, 2 ROLLED_BACK" in out
+
+
 def test_status_rollback_send_commands_backups_and_log(tmp_path, agents, capsys):
     devices = inventory(tmp_path, agents)
     assert main(["-d", str(devices), "deploy", handler(tmp_path, V1)]) == 0
