@@ -172,6 +172,8 @@ async def _rollout(inventory_path: Path) -> Tuple[int, Dict[str, Any]]:
         heading("fleet status")
         statuses, last = await fleet.status(ids)
         say(tables.status_table(inventory.devices, statuses, last))
+        for device_id, files in tables.drifted(inventory.devices, statuses).items():
+            say(f"Drift: {device_id} does not run what most cameras run ({', '.join(files)}).")
     document = {
         "rollout": report.as_dict(),
         "start_recording": [started[d].as_dict() for d in live],

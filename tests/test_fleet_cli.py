@@ -189,6 +189,7 @@ def test_demo_runs_end_to_end():
     out = run.stdout
     assert "UNREACHABLE" in out and "offered by both old_camera.py and camera_handlers.py" in out
     assert "Recording stopped with SIGINT" in out and "3 SKIPPED" in out
+    assert "Drift: raspi_pit does not run what most cameras run (camera_handlers.py, old_camera.py)" in out
 
 
 def test_demo_json_is_one_document_on_stdout_and_the_story_on_stderr():
