@@ -133,9 +133,10 @@ def status_document(devices: Sequence[Device], statuses: Dict[str, DeviceResult]
 def rollout_table(results: Sequence[DeviceResult]) -> str:
     rows = []
     for r in results:
-        detail = r.error or r.note
-        if r.validation_errors and r.status is Status.FAILED:
-            detail = f"{r.error} ({len(r.validation_errors)} validation error(s))"
+        error = r.error
+        if error and r.validation_errors and r.status is Status.FAILED:
+            error = f"{error} ({len(r.validation_errors)} validation error(s))"
+        detail = _detail(error, r.note)
         rows.append([r.device_id, r.status.value, f"{short(r.old_version)} -> {short(r.new_version)}",
                      len(r.commands) if r.commands else "-", f"{r.seconds:.2f}s", detail or ""])
     return tabulate(rows, headers=["device", "outcome", "version", "commands", "time", "detail"], tablefmt="simple")
@@ -151,6 +152,11 @@ def reply_table(results: Sequence[DeviceResult], summarise=None) -> str:
             text = r.error or ""
         rows.append([r.device_id, r.status.value, f"{r.seconds:.2f}s", text])
     return tabulate(rows, headers=["device", "outcome", "time", "reply"], tablefmt="simple")
+
+
+def _detail(error: Optional[str], note: str) -> str:
+    """What went wrong and what is known about it: a timed-out push, and that it may still land."""
+    return "; ".join(part for part in (error, note) if part)
 
 
 def _summary(reply: Dict[str, Any]) -> str:
@@ -169,7 +175,7 @@ def progress_line(result: DeviceResult, done: int, total: int) -> str:
     """
     width = len(str(total))
     position = f"{done:>{width}}/{total}" if done <= total else "undo".center(2 * width + 1)
-    detail = result.error or result.note or ""
+    detail = _detail(result.error, result.note)
     versions = ""
     if result.old_version or result.new_version:
         versions = f" {short(result.old_version)} -> {short(result.new_version)}"
