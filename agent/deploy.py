@@ -52,6 +52,9 @@ DEFAULT_LOG_LIMIT = 50
 MAX_LOG_LIMIT = 1000
 KEEP_AUTO_ROLLBACKS = 20
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+# Deploy arguments added after the seed's, listed in get_status so a controller can tell which agents
+# honour them: an older agent ignores an argument it does not know, and a controller must not rely on it.
+DEPLOY_FEATURES = ("if_version", "to_version")
 
 
 class ChecksumMismatch(AgentError):
@@ -282,6 +285,7 @@ class Deployer:
             "integrity": [self.integrity[name] for name in sorted(self.integrity)],
             "auto_rollbacks": list(self.auto_rollbacks),
             "import_helper_pid": self.tester.helper_pid,
+            "deploy_features": list(DEPLOY_FEATURES),
         }
 
     # The pipeline (callers hold the file's lock)

@@ -173,6 +173,7 @@ class Rollout:
         self.results: Dict[str, DeviceResult] = {}
         self.old_versions: Dict[str, Optional[str]] = {}
         self._unsure: Set[str] = set()  # pushes sent but never answered (timeout, connection lost): may have landed
+        self._checkable: Set[str] = set()  # agents that honour if_version/to_version (older ones ignore them)
         # An undo may queue on the device behind a push still running there, so it waits at least as long.
         self._undo_timeout = max(plan.timeout or 0.0, fleet.request_timeout)
         # Encoded once for the whole fleet: the code is the bulk of every push.
@@ -223,6 +224,8 @@ class Rollout:
             modules = {m.get("file"): m for m in (status.reply or {}).get("modules", [])}
             old = modules.get(self.filename, {}).get("sha256")
             self.old_versions[device_id] = old
+            if "if_version" in (status.reply or {}).get("deploy_features", ()):
+                self._checkable.add(device_id)
             if old == self.version:
                 self._finish(DeviceResult(device_id, Status.SKIPPED, old_version=old, new_version=old,
                                           commands=list(modules[self.filename].get("commands", [])),
@@ -309,7 +312,11 @@ class Rollout:
         came, the undo queues on the device behind that push, if it is still
         running, and then finds the old version by its sha256 (``to_version``).
         """
-        targets = [d for d, r in self.results.items() if r.changed or d in self._unsure]
+        targets = [d for d, r in self.results.items() if r.changed or d in self._unsure & self._checkable]
+        for device_id in sorted(self._unsure - self._checkable):
+            # Without if_version the undo could roll back past what the device ran before: leave it alone.
+            self.results[device_id].note = ("sent, but not answered, and this agent is too old to check safely "
+                                             "whether it landed: see fleet status")
         await self.fleet.run_each(targets, self._undo, self._finish)
 
     async def _undo(self, device_id: str) -> DeviceResult:

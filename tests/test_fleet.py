@@ -395,12 +395,46 @@ async def test_a_push_that_timed_out_is_checked_and_undone_if_it_landed_after_al
         log = (await fleet.send("d0", {"command": "update_log"}))["entries"]
     result = report.results["d0"]
     assert report.halted and flag.exists()
+    row = rollout_table([result]).splitlines()[2]
+    assert "no reply to 'update_handler' within 0.5 s" in row and result.note in row  # the table shows both
     if lands:
         assert result.status is Status.ROLLED_BACK and result.note == f"the push had landed after all; rolled back to {sha(V1)[:8]}"
     else:
         assert result.status is Status.TIMEOUT and "checked: it still runs what it ran before" in result.note
     # Newest first: the undo, then the late push; nothing at all when the push did not land.
     assert [e["action"] for e in log] == (["rollback", "deploy"] if lands else [])
+
+
+async def test_a_timed_out_push_to_an_agent_without_if_version_is_not_undone_blindly(tmp_path):
+    """An older agent ignores if_version: an undo could roll it back past what it ran before, so none is sent."""
+    received = []
+    hung_up = asyncio.Event()
+
+    async def older_agent(reader, writer):  # answers get_status without deploy_features; never answers the push
+        try:
+            while line := await reader.readline():
+                request = json.loads(line)
+                received.append(request["command"])
+                if request["command"] == "get_status":
+                    writer.write(json.dumps({"id": request["id"], "success": True, "modules": []}).encode() + b"\n")
+                    await writer.drain()
+        finally:
+            writer.close()
+            hung_up.set()
+
+    server = await asyncio.start_server(older_agent, "127.0.0.1", 0)
+    try:
+        device = Device(id="old", host="127.0.0.1", port=server.sockets[0].getsockname()[1])
+        async with Fleet([device]) as fleet:
+            report = await deploy(fleet, write_handler(tmp_path, V1),
+                                  plan=RolloutPlan(timeout=0.3, rollback_on_failure=True))
+        await asyncio.wait_for(hung_up.wait(), 10)  # the controller closed; the stand-in saw it
+    finally:
+        server.close()
+        await server.wait_closed()
+    result = report.results["old"]
+    assert report.halted and result.status is Status.TIMEOUT and "too old to check safely" in result.note
+    assert received == ["get_status", "update_handler"]
 
 
 async def test_a_connection_lost_with_a_request_unanswered_says_it_may_have_run():

@@ -19,6 +19,7 @@ async def test_modules_load_at_start_from_both_export_styles(start_agent, connec
     status = await client.call("get_status")
     (module,) = status["modules"]
     assert module["file"] == "basic.py" and len(module["sha256"]) == 64 and "add" in module["commands"]
+    assert status["deploy_features"] == ["if_version", "to_version"]  # what a controller may rely on
 
 
 async def test_a_module_that_fails_to_load_is_reported_and_the_rest_still_load(start_agent, connect):
