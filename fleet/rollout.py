@@ -275,7 +275,7 @@ class Rollout:
                 await self._check_live(device_id, result)
         elif result.status is Status.FAILED and reply.get("rolled_back"):
             result.note = "refused at load; the device put the previous version back"
-        elif result.status is Status.TIMEOUT or result.code == "connection_lost":
+        elif not self.plan.dry_run and (result.status is Status.TIMEOUT or result.code == "connection_lost"):
             self._unsure.add(device_id)
             result.note = "sent, but not answered: it may still complete there (fleet status shows what runs)"
         result.seconds = time.perf_counter() - started
