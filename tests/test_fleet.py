@@ -405,6 +405,17 @@ async def test_a_push_that_timed_out_is_checked_and_undone_if_it_landed_after_al
     assert [e["action"] for e in log] == (["rollback", "deploy"] if lands else [])
 
 
+async def test_an_unanswered_dry_run_is_not_said_to_maybe_land(start_agent, tmp_path):
+    flag = tmp_path / "go"
+    slow = f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n    time.sleep(0.01)\n" + V2
+    agent = await start_agent(handlers={"ver": V1})
+    async with Fleet([device_for(agent, "d0")]) as fleet:
+        report = await deploy(fleet, write_handler(tmp_path, slow), on_result=lambda result: flag.touch(),
+                              plan=RolloutPlan(timeout=0.3, dry_run=True, rollback_on_failure=True))
+    result = report.results["d0"]
+    assert result.status is Status.TIMEOUT and result.note == ""
+
+
 async def test_a_timed_out_push_to_an_agent_without_if_version_is_not_undone_blindly(tmp_path):
     """An older agent ignores if_version: an undo could roll it back past what it ran before, so none is sent."""
     received = []
