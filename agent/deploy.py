@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, TypeVar
 
 from .checks import CheckReport, Issue, check_code, module_name_from_filename
 from .config import AgentConfig
-from .errors import AgentError, BadRequest, ImportFailed, LoadFailed, NotFound, ValidationFailed
+from .errors import AgentError, BadRequest, ChecksumMismatch, ImportFailed, LoadFailed, NotFound, ValidationFailed
 from .isolation import ImportTester
 from .probation import Probation, ProbationRule, Watch
 from .protocol import Request
@@ -55,10 +55,6 @@ _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 # Deploy arguments added after the seed's, listed in get_status so a controller can tell which agents
 # honour them: an older agent ignores an argument it does not know, and a controller must not rely on it.
 DEPLOY_FEATURES = ("if_version", "to_version")
-
-
-class ChecksumMismatch(AgentError):
-    code = "checksum_mismatch"
 
 
 class Deployer:

@@ -15,8 +15,11 @@ the message becomes ``error`` and should be a sentence a person can act on.
     +-- Timeout             timeout           a call passed its time limit
     +-- HandlerFailed       handler_error     a handler raised or misbehaved
     +-- ValidationFailed    validation_failed pushed code failed a check
+    +-- ChecksumMismatch    checksum_mismatch pushed code does not hash to the given sha256
     +-- ImportFailed        import_failed     pushed code failed its import test
     +-- LoadFailed          load_failed       a module could not be loaded live
+    +-- ShuttingDown        shutting_down     the agent is stopping; the request did not run, or
+    |                                         did not finish in time
     +-- InternalError       internal_error    a bug in the agent itself
 """
 
@@ -81,12 +84,20 @@ class ValidationFailed(AgentError):
     code = "validation_failed"
 
 
+class ChecksumMismatch(AgentError):
+    code = "checksum_mismatch"
+
+
 class ImportFailed(AgentError):
     code = "import_failed"
 
 
 class LoadFailed(AgentError):
     code = "load_failed"
+
+
+class ShuttingDown(AgentError):
+    code = "shutting_down"
 
 
 class InternalError(AgentError):

@@ -24,11 +24,10 @@ from collections import deque
 from typing import Any, Deque, Optional, Set, Tuple, Union
 
 from .dispatch import Dispatcher
-from .errors import AgentError, Busy, InternalError
+from .errors import AgentError, Busy, InternalError, ShuttingDown
 from .protocol import LineReader, error_line, parse_request, request_id_of
 
 log = logging.getLogger(__name__)
-
 
 
 class _InFlight:
@@ -43,10 +42,6 @@ class _InFlight:
 
 
 _Pending = Union[bytes, _InFlight]
-
-
-class ShuttingDown(AgentError):
-    code = "shutting_down"
 
 
 class _Connection(asyncio.BufferedProtocol):
