@@ -26,19 +26,6 @@ from .server import AgentServer
 
 log = logging.getLogger(__name__)
 
-BUILTIN_COMMANDS = (
-    "ping",
-    "get_status",
-    "list_commands",
-    "handler_stats",
-    "reload_handler",
-    "update_handler",
-    "rollback_handler",
-    "delete_handler",
-    "list_backups",
-    "update_log",
-)
-
 # Limits
 AGENT_WORK_THREADS = 4  # file I/O and module loading for built-ins, never shared with handlers
 
@@ -52,7 +39,7 @@ class Agent:
         self._started_monotonic = time.monotonic()
         self.address: Optional[Tuple[str, int]] = None
         self._closed = False
-        self.registry = Registry(BUILTIN_COMMANDS)
+        self.registry = Registry()
         self.dispatcher = Dispatcher(
             self.registry,
             token=config.token,
@@ -85,8 +72,7 @@ class Agent:
         d.add_builtin("delete_handler", self.deployer.delete_handler)
         d.add_builtin("list_backups", self.deployer.list_backups)
         d.add_builtin("update_log", self.deployer.update_log)
-        missing = set(BUILTIN_COMMANDS) ^ set(d.builtin_names)
-        assert not missing, f"built-in table out of step: {missing}"
+        self.registry.reserve(d.builtin_names)
 
     # Lifecycle
 

@@ -100,11 +100,15 @@ def compile_module(name: str, source: bytes, path: str) -> LoadedModule:
 class Registry:
     """Loaded modules, modules that failed to load, and the merged command table."""
 
-    def __init__(self, builtin_commands: Iterable[str]) -> None:
-        self.builtin_commands = frozenset(builtin_commands)
+    def __init__(self) -> None:
+        self.builtin_commands: frozenset = frozenset()
         self.modules: Dict[str, LoadedModule] = {}
         self.failed: Dict[str, str] = {}
         self.table: Dict[str, Handler] = {}
+
+    def reserve(self, builtin_commands: Iterable[str]) -> None:
+        """The agent's own command names: a handler module may not offer them."""
+        self.builtin_commands = frozenset(builtin_commands)
 
     def conflicts(self, name: str, commands: Iterable[str]) -> List[str]:
         """Reasons why module ``name`` offering ``commands`` would clash; empty when it fits."""
