@@ -262,7 +262,8 @@ class Dispatcher:
             ) from None
 
     def _internal_error(self, exc: BaseException, request: Request) -> bytes:
-        error = InternalError(f"internal error in {request.command!r}: {type(exc).__name__}: {exc}")
+        error = InternalError(f"internal error in {request.command!r}: {type(exc).__name__}: {exc} "
+                              "(a bug in the agent: its log has the traceback; please report it)")
         return error_line(error, request.id, request.has_id)
 
 
