@@ -153,7 +153,8 @@ def _check_dependencies(scanner: "_Scanner", report: CheckReport) -> None:
         if name in PROTECTED_PACKAGES or _module_exists(name):
             continue
         report.errors.append(
-            Issue("dependency", f"Missing dependency: module {name!r} is not installed on this device",
+            Issue("dependency", f"Missing dependency: module {name!r} is not installed on this device "
+                  "(install it there, or import it inside try/except ImportError if the handler can do without)",
                   scanner.required_imports[name])
         )
     for name in sorted(scanner.optional_imports):

@@ -202,6 +202,7 @@ async def test_a_missing_dependency_is_named(start_agent, connect):
     client = await connect(await start_agent())
     reply = await deploy(client, "needs.py", "import surely_not_installed_xyz\ndef handle_x(d):\n    return {}\n")
     assert reply["code"] == "validation_failed" and "surely_not_installed_xyz" in reply["error"]
+    assert "install it there, or import it inside try/except ImportError" in reply["error"]
 
 
 IMPORT_FAILURES = {
