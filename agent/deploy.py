@@ -214,7 +214,7 @@ class Deployer:
 
     def _choose_backup(self, name: str, wanted: Optional[str], to_version: Optional[str] = None) -> tuple:
         if wanted is not None:
-            return wanted.replace(".backups/", "", 1), self.store.read_backup(name, wanted)
+            return self.store.backup_name(wanted), self.store.read_backup(name, wanted)
         if to_version is not None:
             for entry in self.store.backups(name):
                 data = self.store.read_backup(name, entry["backup"])

@@ -171,9 +171,14 @@ class HandlerStore:
         found.sort(key=lambda item: item[0], reverse=True)
         return [entry for _, entry in found]
 
+    @staticmethod
+    def backup_name(backup: str) -> str:
+        """A backup's file name, from the name or the ``.backups/...`` path the replies show."""
+        return backup[len(".backups/"):] if backup.startswith(".backups/") else backup
+
     def read_backup(self, name: str, backup: str) -> bytes:
         """The bytes of a named backup of module ``name``; ``backup`` may carry the ``.backups/`` prefix."""
-        plain = backup[len(".backups/"):] if backup.startswith(".backups/") else backup
+        plain = self.backup_name(backup)
         match = _BACKUP_NAME.match(plain)
         if match is None:
             raise BadRequest(f"{backup!r} is not a backup name; list_backups shows the names")
