@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -147,7 +148,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         asyncio.run(serve(config))
     except OSError as exc:
-        print(f"pi-agent: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = " (another program, perhaps another pi-agent, has this port: stop it or pick another --port)"
+        elif exc.errno == errno.EACCES:
+            hint = " (ports below 1024 need privileges: pick a --port of 1024 or more)"
+        print(f"pi-agent: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}{hint}", file=sys.stderr)
         return 1
     _exit_past_stuck_threads()
     return 0

@@ -85,14 +85,6 @@ class AgentConfig:
                 f"push code. Set --token-file or {TOKEN_ENV}, or pass --insecure if you really mean it"
             )
 
-    @property
-    def handlers_dir(self) -> Path:
-        return self.root / "handlers"
-
-    @property
-    def backups_dir(self) -> Path:
-        return self.root / ".backups"
-
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":

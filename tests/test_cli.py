@@ -3,6 +3,7 @@
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,15 @@ def test_bad_settings_are_usage_errors(tmp_path):
     assert run_agent_cli("--token-file", str(tmp_path / "missing"), "--root", str(tmp_path)).returncode == 2
     result = run_agent_cli("--port", "70000", "--root", str(tmp_path))
     assert result.returncode == 2 and "port" in result.stderr
+
+
+def test_a_port_in_use_is_exit_1_with_what_to_do(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_agent_cli("--port", str(taken.getsockname()[1]), "--root", str(tmp_path))
+    assert result.returncode == 1
+    assert "address already in use" in result.stderr and "stop it or pick another --port" in result.stderr
 
 
 async def test_starts_creates_root_serves_and_stops_on_sigterm_with_exit_0(tmp_path, spawn_agent):

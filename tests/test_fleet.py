@@ -336,7 +336,7 @@ async def test_a_failing_canary_halts_the_rollout_before_other_devices_change(st
     for device_id in ("d0", "d1"):
         assert report.results[device_id].status is Status.SKIPPED and "halted" in report.results[device_id].note
     for agent in others:
-        assert not (agent.config.handlers_dir / "ver.py").exists()
+        assert not (agent.deployer.store.handlers_dir / "ver.py").exists()
 
 
 async def test_rollback_on_failure_restores_what_every_changed_device_ran_before(start_agent, tmp_path):
@@ -351,8 +351,8 @@ async def test_rollback_on_failure_restores_what_every_changed_device_ran_before
         assert report.results["d2"].status is Status.FAILED
         assert (await fleet.send("d0", {"command": "version"}))["version"] == 1
         assert (await fleet.send("d1", {"command": "version"}))["code"] == "unknown_command"
-    assert (agents[0].config.handlers_dir / "ver.py").read_text() == V1
-    assert not (agents[1].config.handlers_dir / "ver.py").exists()
+    assert (agents[0].deployer.store.handlers_dir / "ver.py").read_text() == V1
+    assert not (agents[1].deployer.store.handlers_dir / "ver.py").exists()
 
 
 async def test_a_changed_device_that_cannot_be_rolled_back_is_failed_and_says_so(tmp_path, spawn_agent):
@@ -520,7 +520,7 @@ async def test_dry_run_changes_nothing(start_agent, tmp_path):
     async with Fleet([device_for(agent, "a")]) as fleet:
         report = await deploy(fleet, write_handler(tmp_path, V1), plan=RolloutPlan(dry_run=True))
     assert report.ok and "dry run" in report.results["a"].note
-    assert not (agent.config.handlers_dir / "ver.py").exists()
+    assert not (agent.deployer.store.handlers_dir / "ver.py").exists()
 
 
 async def test_status_table_shows_drift(start_agent):

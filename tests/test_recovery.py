@@ -72,7 +72,7 @@ async def test_a_new_module_that_fails_probation_is_unloaded(start_agent, connec
     await wait_until(lambda: agent.deployer.auto_rollbacks, what="the automatic rollback")
     assert agent.deployer.auto_rollbacks[0]["outcome"] == "unloaded"
     assert (await client.call("version"))["code"] == "unknown_command"
-    assert not (agent.config.handlers_dir / "flaky.py").exists()
+    assert not (agent.deployer.store.handlers_dir / "flaky.py").exists()
 
 
 async def test_a_hand_edited_handler_is_reported_at_start(start_agent, connect, tmp_path):
