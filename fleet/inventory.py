@@ -118,7 +118,8 @@ def parse_inventory(data: Any, *, source: str = "<memory>", environ: Optional[Ma
         raise ConfigError(f"{source}: \"defaults\" must be an object")
     unknown = set(defaults) - _DEFAULT_KEYS
     if unknown:
-        raise ConfigError(f"{source}: defaults: unknown field(s) {', '.join(sorted(unknown))}")
+        raise ConfigError(f"{source}: defaults: unknown field(s) {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(sorted(_DEFAULT_KEYS))})")
     timeout = _positive(defaults.get("timeout", DEFAULT_TIMEOUT), f"{source}: defaults.timeout")
     connect_timeout = _positive(defaults.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
                                 f"{source}: defaults.connect_timeout")
@@ -138,7 +139,8 @@ def parse_inventory(data: Any, *, source: str = "<memory>", environ: Optional[Ma
                 raise ConfigError(f"{where}: missing required field {required!r}")
         unknown = set(entry) - _DEVICE_KEYS
         if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))} "
+                              f"(known: {', '.join(sorted(_DEVICE_KEYS))})")
         device = _device(entry, defaults, where, environ)
         if device.id in seen:
             raise ConfigError(f"{where}: duplicate id {device.id!r} (also raspberryPiDevices[{seen[device.id]}])")
