@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Dict, List, TextIO, Tuple
 
 from . import tables
+from .errors import ConfigError
 from .fleet import Fleet
 from .inventory import load_inventory
 from .local import LocalAgents, free_port, install_stand_in_recorder
@@ -64,11 +65,9 @@ def heading(text: str) -> None:
 async def run_demo(agents: int = 4, as_json: bool = False) -> int:
     global _narration
     if agents < 3 or agents > len(NAMES):
-        print(f"fleet demo: --agents must be from 3 to {len(NAMES)}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"demo: --agents must be from 3 to {len(NAMES)}")
     if not HANDLER.exists():
-        print(f"fleet demo: {HANDLER} not found (run the demo from a checkout of the project)", file=sys.stderr)
-        return 2
+        raise ConfigError(f"demo: {HANDLER} not found (run the demo from a checkout of the project)")
     _narration = sys.stderr if as_json else sys.stdout
     try:
         with tempfile.TemporaryDirectory(prefix="pifleet-demo-") as tmp:

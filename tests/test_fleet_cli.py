@@ -155,6 +155,7 @@ def test_tokens_are_used_and_never_printed(tmp_path, agents, capsys, monkeypatch
     (["deploy", "class.py"], "bad filename 'class.py'"),
     (["status", "--only", "ghost"], "no device 'ghost'"),
     (["deploy", "handlers/camera_handlers.py", "--batch", "lots"], "batch must be"),
+    (["demo", "--agents", "9"], "--agents must be from 3 to 6"),
 ])
 def test_usage_and_config_errors_exit_2_with_a_message(argv, words, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
