@@ -222,7 +222,10 @@ async def cmd_send(fleet: Fleet, inventory: Inventory, ids: List[str], args: arg
     if out.as_json:
         return await report_each(fleet, command, [args.device], args, out)
     result = (await fleet.send_all(command, [args.device], timeout=args.timeout))[args.device]
-    print(json.dumps(result.reply, indent=2) if result.reply else f"{result.status.value}: {result.error}")
+    if result.reply:  # the device's own words, whatever they say
+        print(json.dumps(result.reply, indent=2))
+    if not result.ok:
+        print(f"{args.device}: {result.status.value}: {result.error}", file=sys.stderr)
     return exit_code([result])
 
 

@@ -26,7 +26,7 @@ from agent.protocol import encode_shared_request
 
 from .connection import Deadlines, DeviceConnection, MessageCallback
 from .errors import CommandTimeout, DeviceError, DeviceUnreachable, UnknownDevice
-from .inventory import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, Device, Inventory
+from .inventory import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_TOKEN_ENV, Device, Inventory
 from .results import DeviceResult, Status
 
 log = logging.getLogger(__name__)
@@ -266,6 +266,8 @@ def _replied(device_id: str, reply: Any) -> DeviceResult:
     if not isinstance(reply, dict):  # connect() returns None
         return DeviceResult(device_id, Status.OK)
     if reply.get("success") is False:
-        return DeviceResult(device_id, Status.FAILED, reply=reply, error=str(reply.get("error")),
-                            code=reply.get("code"))
+        error = str(reply.get("error"))
+        if reply.get("code") == "unauthorized":  # the agent's sentence is for any client; this one has an inventory
+            error += f" (give this controller the agent's token: ${DEFAULT_TOKEN_ENV}, or token/token_env in devices.json)"
+        return DeviceResult(device_id, Status.FAILED, reply=reply, error=error, code=reply.get("code"))
     return DeviceResult(device_id, Status.OK, reply=reply)

@@ -140,7 +140,8 @@ def test_tokens_are_used_and_never_printed(tmp_path, agents, capsys, monkeypatch
     secret.write_text("very-secret-token\n")
     devices = inventory(tmp_path, agents, count=1, tokens=secret)
     assert main(["-d", str(devices), "send", "d0", "ping"]) == 1  # no token in the environment yet
-    assert "unauthorized" in "".join(capsys.readouterr())
+    out, err = capsys.readouterr()
+    assert "unauthorized" in out + err and "token/token_env in devices.json" in out + err
     monkeypatch.setenv("CLI_TEST_TOKEN", "very-secret-token")
     assert main(["-d", str(devices), "status", "--json"]) == 0
     assert main(["-d", str(devices), "deploy", handler(tmp_path), "--json"]) == 0
