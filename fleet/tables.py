@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 from tabulate import tabulate
 
@@ -50,6 +50,11 @@ def _running(result: DeviceResult) -> Dict[str, str]:
     return {module["file"]: module["sha256"] for module in (result.reply or {}).get("modules", [])}
 
 
+def _failed_to_load(result: DeviceResult) -> Set[str]:
+    """Handler files a device has but could not load."""
+    return {module["file"] for module in (result.reply or {}).get("failed_modules", [])}
+
+
 def drifted(devices: Sequence[Device], statuses: Dict[str, DeviceResult]) -> Dict[str, List[str]]:
     """``{device_id: [handler files on which it differs from most devices of its type]}``.
 
@@ -80,7 +85,7 @@ def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
                  last_changes: Dict[str, Optional[Dict[str, Any]]]) -> str:
     drift = drifted(devices, statuses)
     files = sorted({file for result in statuses.values() if result.status is Status.OK
-                    for file in [*_running(result), *(m["file"] for m in (result.reply or {}).get("failed_modules", []))]})
+                    for file in {*_running(result), *_failed_to_load(result)}})
     headers = ["device", "name", "address", "reachable", "agent", "uptime", *files, "commands", "last change"]
     rows = []
     problems = []  # why each device that did not answer did not, under the table
@@ -94,8 +99,7 @@ def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
             if result is not None and result.error:
                 problems.append(f"{device.id}: {result.error}")
             continue
-        running = _running(result)
-        failed = {m["file"] for m in reply.get("failed_modules", [])}
+        running, failed = _running(result), _failed_to_load(result)
         cells = []
         for file in files:
             if file in failed:

@@ -536,6 +536,15 @@ async def test_status_table_shows_drift(start_agent):
     assert f"{sha(V1)[:8]} *" not in table and "differs from what most devices of the same type run" in table
 
 
+async def test_a_handler_that_failed_to_load_shows_in_the_status_table(start_agent):
+    broken = await start_agent(handlers={"ver": V1, "bad": "raise RuntimeError('no camera')\n"})
+    devices = [device_for(broken, "d0")]
+    async with Fleet(devices) as fleet:
+        statuses = await fleet.send_all({"command": "get_status"})
+    header, _, row = status_table(devices, statuses, {}).splitlines()[:3]
+    assert header.split()[6:8] == ["bad.py", "ver.py"] and "LOAD FAILED" in row and sha(V1)[:8] in row
+
+
 async def test_an_even_split_marks_every_side(start_agent):
     agents = [await start_agent(handlers={"ver": V1}), await start_agent(handlers={"ver": V2})]
     devices = [device_for(a, f"d{i}") for i, a in enumerate(agents)]
