@@ -38,6 +38,7 @@ class DeviceResult:
     commands: Sequence[str] = ()
     validation_errors: Sequence[str] = ()
     validation_warnings: Sequence[str] = ()
+    removed_commands: Sequence[str] = ()  # commands the device offered before this push and no longer does
     note: str = ""
     changed: bool = False  # this rollout changed the device (so rollback applies)
     backup: Optional[str] = None  # the backup our push created on the device
@@ -58,6 +59,7 @@ class DeviceResult:
             "commands": list(self.commands),
             "validation_errors": list(self.validation_errors),
             "validation_warnings": list(self.validation_warnings),
+            "removed_commands": list(self.removed_commands),
             "note": self.note,
             "reply": self.reply,
         }

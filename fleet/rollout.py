@@ -172,6 +172,7 @@ class Rollout:
         self.on_result = on_result
         self.results: Dict[str, DeviceResult] = {}
         self.old_versions: Dict[str, Optional[str]] = {}
+        self.old_commands: Dict[str, List[str]] = {}  # what this file offered on each device before the push
         self._unsure: Set[str] = set()  # pushes sent but never answered (timeout, connection lost): may have landed
         self._checkable: Set[str] = set()  # agents that honour if_version/to_version (older ones ignore them)
         # An undo may queue on the device behind a push still running there, so it waits at least as long.
@@ -224,6 +225,7 @@ class Rollout:
             modules = {m.get("file"): m for m in (status.reply or {}).get("modules", [])}
             old = modules.get(self.filename, {}).get("sha256")
             self.old_versions[device_id] = old
+            self.old_commands[device_id] = list(modules.get(self.filename, {}).get("commands") or [])
             if "if_version" in (status.reply or {}).get("deploy_features", ()):
                 self._checkable.add(device_id)
             if old == self.version:
@@ -267,6 +269,7 @@ class Rollout:
         if result.status is Status.OK:
             result.new_version = reply.get("version")
             result.commands = list((reply.get("reload") or {}).get("commands") or [])
+            result.removed_commands = [c for c in self.old_commands.get(device_id, ()) if c not in result.commands]
             result.changed = not reply.get("unchanged") and not reply.get("dry_run")
             result.backup = reply.get("backup_created")
             result.note = "dry run: passed every check" if reply.get("dry_run") else \
@@ -339,12 +342,12 @@ class Rollout:
             result.status, result.code = Status.FAILED, "rollback_failed"
             result.error = f"{result.error}; {reason}" if result.error else reason
         elif not reply.get("unchanged"):
-            result.status, result.new_version = Status.ROLLED_BACK, old
+            result.status, result.new_version, result.removed_commands = Status.ROLLED_BACK, old, ()
             back = f"rolled back to {short(old)}" if old else "rolled back: the new file was removed"
             result.note = f"the push had landed after all; {back}" if unsure else back
         elif reply.get("version") == old:
             if not unsure:  # the agent's probation, or someone, already put it back
-                result.status, result.new_version = Status.ROLLED_BACK, old
+                result.status, result.new_version, result.removed_commands = Status.ROLLED_BACK, old, ()
             result.note = f"checked: it still runs what it ran before ({short(old)}); the push did not land or was undone"
         else:
             result.note = (f"not rolled back: it runs {short(reply.get('version'))} now, "

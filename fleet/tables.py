@@ -135,15 +135,48 @@ def status_document(devices: Sequence[Device], statuses: Dict[str, DeviceResult]
 
 
 def rollout_table(results: Sequence[DeviceResult]) -> str:
+    """The per-device table, then what needs a look even where the push went through (``rollout_notes``)."""
     rows = []
     for r in results:
         error = r.error
         if error and r.validation_errors and r.status is Status.FAILED:
             error = f"{error} ({len(r.validation_errors)} validation error(s))"
-        detail = _detail(error, r.note)
+        detail = _detail(error, r.note, _cautions(r))
         rows.append([r.device_id, r.status.value, f"{short(r.old_version)} -> {short(r.new_version)}",
                      len(r.commands) if r.commands else "-", f"{r.seconds:.2f}s", detail or ""])
-    return tabulate(rows, headers=["device", "outcome", "version", "commands", "time", "detail"], tablefmt="simple")
+    text = tabulate(rows, headers=["device", "outcome", "version", "commands", "time", "detail"], tablefmt="simple")
+    notes = rollout_notes(results)
+    return f"{text}\n\n{notes}" if notes else text
+
+
+def rollout_notes(results: Sequence[DeviceResult]) -> str:
+    """The agents' check warnings and the commands a push takes away, each listed once with its devices.
+
+    A warning does not stop a push, and a file that no longer offers a command
+    passes every check, so on a large fleet both would be easy to miss in a
+    column of "deployed". Listed once each, they are not.
+    """
+    warnings: Dict[str, List[str]] = {}
+    removed: Dict[str, List[str]] = {}
+    for r in results:
+        for warning in r.validation_warnings:
+            warnings.setdefault(warning, []).append(r.device_id)
+        if r.removed_commands:
+            removed.setdefault(", ".join(r.removed_commands), []).append(r.device_id)
+    sections = []
+    if warnings:
+        sections.append("Warnings from the agents' checks (they did not stop the push):\n" + "\n".join(
+            f"  {warning}: {_some(ids)}" for warning, ids in warnings.items()))
+    if removed:
+        sections.append("Commands offered before that the new version drops (calls to them will get unknown_command):\n"
+                        + "\n".join(f"  {commands}: {_some(ids)}" for commands, ids in removed.items()))
+    return "\n".join(sections)
+
+
+def _some(ids: Sequence[str], shown: int = 5) -> str:
+    """``a, b, c`` or ``a, b, c, d, e and 495 more``: names enough to act on, without a wall of ids."""
+    text = ", ".join(ids[:shown])
+    return f"{text} and {len(ids) - shown} more" if len(ids) > shown else text
 
 
 def reply_table(results: Sequence[DeviceResult], summarise=None) -> str:
@@ -158,9 +191,21 @@ def reply_table(results: Sequence[DeviceResult], summarise=None) -> str:
     return tabulate(rows, headers=["device", "outcome", "time", "reply"], tablefmt="simple")
 
 
-def _detail(error: Optional[str], note: str) -> str:
+def _detail(error: Optional[str], note: str, cautions: str = "") -> str:
     """What went wrong and what is known about it: a timed-out push, and that it may still land."""
-    return "; ".join(part for part in (error, note) if part)
+    return "; ".join(part for part in (error, note, cautions) if part)
+
+
+def _cautions(result: DeviceResult) -> str:
+    """What to look at even when a push went through: commands it takes away, warnings from the checks."""
+    parts = []
+    if result.removed_commands:
+        verb = "drops" if result.changed else "would drop"
+        parts.append(f"{verb} {', '.join(result.removed_commands)}")
+    if result.validation_warnings:
+        count = len(result.validation_warnings)
+        parts.append(f"{count} check warning{'' if count == 1 else 's'}")
+    return "; ".join(parts)
 
 
 def _summary(reply: Dict[str, Any]) -> str:
@@ -179,7 +224,7 @@ def progress_line(result: DeviceResult, done: int, total: int) -> str:
     """
     width = len(str(total))
     position = f"{done:>{width}}/{total}" if done <= total else "undo".center(2 * width + 1)
-    detail = _detail(result.error, result.note)
+    detail = _detail(result.error, result.note, _cautions(result))
     versions = ""
     if result.old_version or result.new_version:
         versions = f" {short(result.old_version)} -> {short(result.new_version)}"

@@ -523,6 +523,47 @@ async def test_dry_run_changes_nothing(start_agent, tmp_path):
     assert not (agent.deployer.store.handlers_dir / "ver.py").exists()
 
 
+TWO = V1 + "\ndef handle_extra(data):\n    return {}\n"
+
+
+async def test_a_push_that_drops_commands_says_which_before_and_after_it_lands(start_agent, tmp_path):
+    agents = [await start_agent(handlers={"ver": TWO}), await start_agent(handlers={"ver": TWO})]
+    devices = [device_for(a, f"d{i}") for i, a in enumerate(agents)]
+    async with Fleet(devices) as fleet:
+        preview = await deploy(fleet, write_handler(tmp_path, V1), plan=RolloutPlan(dry_run=True))
+        assert [r.removed_commands for r in preview.results.values()] == [["extra"], ["extra"]]
+        assert "would drop extra" in rollout_table(list(preview.results.values())).splitlines()[2]
+        report = await deploy(fleet, write_handler(tmp_path, V1))
+    assert report.ok and report.results["d0"].as_dict()["removed_commands"] == ["extra"]
+    text = rollout_table(list(report.results.values()))
+    assert "deployed; drops extra" in text.splitlines()[2]
+    # Listed once, with the devices, under the table: on a big fleet a column of "deployed" hides it.
+    assert "new version drops (calls to them will get unknown_command):\n  extra: d0, d1" in text
+
+
+async def test_the_agents_check_warnings_show_in_the_rollout_table(start_agent, tmp_path):
+    agents = [await start_agent(handlers={"ver": V1}) for _ in range(7)]
+    devices = [device_for(a, f"d{i}") for i, a in enumerate(agents)]
+    async with Fleet(devices) as fleet:
+        report = await deploy(fleet, write_handler(tmp_path, "# emptied by mistake\n"), plan=RolloutPlan(batch=10))
+    assert report.ok  # a warning does not stop a push: it has to be seen instead
+    text = rollout_table(list(report.results.values()))
+    assert all("drops version; 1 check warning" in row for row in text.splitlines()[2:9])
+    assert ("Warnings from the agents' checks (they did not stop the push):\n"
+            "  the module defines no commands (no COMMAND_HANDLERS and no handle_<name> functions): "
+            "d0, d1, d2, d3, d4 and 2 more") in text
+
+
+async def test_a_device_put_back_no_longer_counts_as_dropping_commands(start_agent, tmp_path):
+    agents = [await start_agent(handlers={"ver": TWO}), await start_agent(handlers={"old": CLASH})]
+    devices = [device_for(a, f"d{i}") for i, a in enumerate(agents)]
+    async with Fleet(devices) as fleet:
+        report = await deploy(fleet, write_handler(tmp_path, V1),
+                              plan=RolloutPlan(canary=1, batch=1, rollback_on_failure=True))
+    assert report.results["d0"].status is Status.ROLLED_BACK and report.results["d0"].removed_commands == ()
+    assert "drops" not in rollout_table(list(report.results.values()))
+
+
 async def test_status_table_shows_drift(start_agent):
     agents = [await start_agent(handlers={"ver": V1}), await start_agent(handlers={"ver": V1}),
               await start_agent(handlers={"ver": V2})]
