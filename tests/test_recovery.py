@@ -39,6 +39,31 @@ async def test_probation_rolls_back_a_module_that_keeps_failing(start_agent, con
     assert latest["version"] == hashlib.sha256(version_module(1).encode()).hexdigest()
 
 
+async def test_a_rollback_after_the_automatic_one_does_not_put_the_failing_code_back(start_agent, connect):
+    # The operator sees errors and sends rollback_handler, not knowing the agent already rolled back.
+    agent = await start_agent(probation_failures=2)
+    client = await connect(agent)
+    await deploy(client, "ver.py", version_module(1))
+    await deploy(client, "ver.py", FLAKY_V2)
+    for _ in range(2):
+        await client.call("version")
+    await wait_until(lambda: agent.deployer.auto_rollbacks, what="the automatic rollback")
+    reply = await client.call("rollback_handler", filename="ver.py")
+    assert reply["code"] == "not_found" and "rolled back from" in reply["error"]
+    assert (await client.call("version"))["version"] == 1
+
+
+async def test_a_new_module_removed_by_probation_is_not_brought_back_by_a_rollback(start_agent, connect):
+    agent = await start_agent(probation_failures=2)
+    client = await connect(agent)
+    await deploy(client, "flaky.py", FLAKY_V2)
+    for _ in range(2):
+        await client.call("version")
+    await wait_until(lambda: agent.deployer.auto_rollbacks, what="the automatic rollback")
+    assert (await client.call("rollback_handler", filename="flaky.py"))["code"] == "not_found"
+    assert not (agent.deployer.store.handlers_dir / "flaky.py").exists()
+
+
 async def test_probation_false_leaves_a_failing_module_alone(start_agent, connect):
     agent = await start_agent(probation_failures=2)
     client = await connect(agent)
