@@ -227,46 +227,46 @@ class Deployer:
         if not backups:
             raise NotFound(f"there is no backup of {name}.py to roll back to")
         # The newest backup that differs from what runs now (rolling back must change something: the
-        # system the seed documents "rolled back" to the current version), and that is not a version
-        # the file was already rolled back from.
-        undone = self._rolled_back_from(name)
+        # system the seed documents "rolled back" to the current version), and that probation did not
+        # take off the device.
+        failed = self._failed_probation(name)
         skipped = []
         for entry in backups:
             data = self.store.read_backup(name, entry["backup"])
             version = sha256_hex(data)
-            if version in undone:
+            if version in failed:
                 skipped.append(version[:12])
             elif version != live_version:
                 return entry["backup"], data
         if skipped:
             raise NotFound(
-                f"no backup of {name}.py to go back to: the older ones are versions it was rolled back from "
-                f"({', '.join(dict.fromkeys(skipped))}); to restore one anyway, name it with 'backup' "
-                "(list_backups shows them)")
+                f"no backup of {name}.py to go back to: the others are versions that probation rolled back "
+                f"because they kept failing ({', '.join(dict.fromkeys(skipped))}); to restore one anyway, "
+                "name it with 'backup' (list_backups shows them)")
         raise NotFound(f"every backup of {name}.py is identical to the live version; nothing to roll back to")
 
-    def _rolled_back_from(self, name: str) -> Set[str]:
-        """Versions of ``name`` that a rollback moved away from and that nobody has put back since.
+    def _failed_probation(self, name: str) -> Set[str]:
+        """Versions of ``name`` that probation rolled back and that nobody has deployed or restored since.
 
-        A plain rollback skips them. Without that, a second rollback would restore
-        what the first one removed, and an operator's rollback after the agent's
-        own probation rollback would put the failing code back on the device.
-        Walking the log newest first, a version counts once it is deployed or
-        restored again.
+        A plain rollback skips them. A rollback sent by hand is itself backed
+        up, so a second one undoes it; but an operator who sees errors and
+        sends a rollback after the agent already rolled back by itself must
+        not put the failing code back. Walking the log newest first, a version
+        counts again once it is deployed or restored.
         """
         file = f"{name}.py"
-        undone: Set[str] = set()
+        failed: Set[str] = set()
         put_back: Set[str] = set()
         for entry in self.store.read_log():  # newest first
             if entry.get("file") != file or entry.get("outcome") != "ok":
                 continue
-            if entry.get("action") in ("rollback", "auto_rollback"):
+            if entry.get("action") == "auto_rollback":
                 previous = entry.get("previous_version")
                 if previous and previous not in put_back:
-                    undone.add(previous)
+                    failed.add(previous)
             if entry.get("action") in ("deploy", "rollback", "auto_rollback") and entry.get("version"):
                 put_back.add(entry["version"])
-        return undone
+        return failed
 
     async def reload_handler(self, request: Request) -> Dict[str, Any]:
         name = module_name_from_filename(request.args.get("filename"))

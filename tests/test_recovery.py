@@ -49,8 +49,14 @@ async def test_a_rollback_after_the_automatic_one_does_not_put_the_failing_code_
         await client.call("version")
     await wait_until(lambda: agent.deployer.auto_rollbacks, what="the automatic rollback")
     reply = await client.call("rollback_handler", filename="ver.py")
-    assert reply["code"] == "not_found" and "rolled back from" in reply["error"]
+    assert reply["code"] == "not_found" and "probation rolled back" in reply["error"]
+    assert hashlib.sha256(FLAKY_V2.encode()).hexdigest()[:12] in reply["error"]
     assert (await client.call("version"))["version"] == 1
+    # Pushed again on purpose, it is a version like any other: a later rollback may return to it.
+    await deploy(client, "ver.py", FLAKY_V2, probation=False)
+    await deploy(client, "ver.py", version_module(3))
+    await client.call("rollback_handler", filename="ver.py")
+    assert agent.registry.modules["ver"].sha256 == hashlib.sha256(FLAKY_V2.encode()).hexdigest()
 
 
 async def test_a_new_module_removed_by_probation_is_not_brought_back_by_a_rollback(start_agent, connect):
