@@ -36,7 +36,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, TypeVar
 
 from .checks import CheckReport, Issue, check_code, module_name_from_filename
 from .config import AgentConfig
-from .errors import AgentError, BadRequest, ChecksumMismatch, ImportFailed, LoadFailed, NotFound, ValidationFailed
+from .errors import (AgentError, BadRequest, ChecksumMismatch, ImportFailed, LoadFailed, NotFound, StorageFailed,
+                     ValidationFailed)
 from .isolation import ImportTester
 from .probation import Probation, ProbationRule, Watch
 from .protocol import Request
@@ -365,9 +366,14 @@ class Deployer:
 
         backup = None
         if writes_file:
-            if live is not None:
-                backup = await self._run(self.store.create_backup, name, live)
-            await self._run(self.store.write_live, name, source)
+            try:
+                if live is not None:
+                    backup = await self._run(self.store.create_backup, name, live)
+                await self._run(self.store.write_live, name, source)
+            except OSError as exc:  # the live file is written atomically: it is still the old one
+                if backup is not None:
+                    await self._recorded(f"removing the backup {backup} again", self.store.remove_backup, backup)
+                raise _storage_failed(f"could not write {filename}", exc) from None
         try:
             module = await self._compile(name, source)
             previous = self.registry.install(module)
@@ -383,19 +389,30 @@ class Deployer:
                 details={"rolled_back": True, "filename": filename, "validation_passed": True,
                          "validation_details": report.details()},
             ) from None
-        await self._run(self.store.save_good, name, source)
+        # From here the new version is live: a failure to write the records below is a warning, not a failure.
+        unrecorded = [await self._recorded("saving the last good copy", self.store.save_good, name, source)]
         self.integrity.pop(name, None)
         handover = await self._hand_over(module, previous)
         if handover:
             report.warnings.append(Issue("runtime", handover))
         watch = self.probation.start(name, version, backup, rule if action == "deploy" else None)
-        await self._run(self.store.append_log, _log_entry(
+        unrecorded.append(await self._recorded("writing the update log", self.store.append_log, _log_entry(
             action, name, version, live_version, backup=backup, restored_from=restored_from,
-            commands=list(module.commands), reason=reason))
+            commands=list(module.commands), reason=reason)))
+        report.warnings.extend(Issue("storage", text) for text in unrecorded if text)
         log.info("%s %s: %s -> %s, %d command(s), backup %s", action, filename,
                  (live_version or "none")[:12], version[:12], len(module.commands), backup or "none")
         return self._reply(action, name, module, version, live_version, backup=backup, report=report,
                            started=started, watch=watch, restored_from=restored_from)
+
+    async def _recorded(self, what: str, func: Callable[..., Any], *args: Any) -> Optional[str]:
+        """Run a disk write that must not undo a change already made; a warning if the disk refuses it."""
+        try:
+            await self._run(func, *args)
+        except OSError as exc:
+            log.error("%s failed: %s", what, exc)
+            return f"the change was made, but {what} failed: {_os_reason(exc)}"
+        return None
 
     def _put_back(self, name: str, live: Optional[bytes], backup: Optional[str]) -> None:
         if live is None:
@@ -428,16 +445,25 @@ class Deployer:
         live = await self._run(self.store.read_live, name)
         if live is None and name not in self.registry.modules and name not in self.registry.failed:
             raise NotFound(f"handlers/{name}.py does not exist on this device")
-        previous = self.registry.remove(name)
-        self.probation.stop(name)
         backup = None
         if live is not None:
-            if keep_backup:
-                backup = await self._run(self.store.create_backup, name, live)
-            await self._run(self.store.remove_live, name)
-        await self._run(self.store.remove_good, name)
+            try:
+                if keep_backup:
+                    backup = await self._run(self.store.create_backup, name, live)
+                await self._run(self.store.remove_live, name)
+            except OSError as exc:
+                if backup is not None:
+                    await self._recorded(f"removing the backup {backup} again", self.store.remove_backup, backup)
+                raise _storage_failed(f"could not delete handlers/{name}.py", exc,
+                                      "the file is still there and its commands still run") from None
+        previous = self.registry.remove(name)
+        self.probation.stop(name)
         old_version = sha256_hex(live) if live is not None else None
-        await self._run(self.store.append_log, _log_entry(action, name, None, old_version, backup=backup, reason=reason))
+        unrecorded = [
+            await self._recorded("removing the last good copy", self.store.remove_good, name),
+            await self._recorded("writing the update log", self.store.append_log,
+                                 _log_entry(action, name, None, old_version, backup=backup, reason=reason)),
+        ]
         log.info("%s handlers/%s.py (backup %s)", action, name, backup or "none")
         return {
             "type": "handler_deleted",
@@ -446,6 +472,7 @@ class Deployer:
             "backup_created": backup,
             "removed_commands": sorted(previous.commands) if previous else [],
             "previous_version": old_version,
+            "warnings": [text for text in unrecorded if text],
         }
 
     # Probation
@@ -543,6 +570,16 @@ def _decode(name: str, source: bytes) -> str:
         return source.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ValidationFailed(f"Code validation failed: {name}.py is not valid UTF-8 (byte {exc.start})") from None
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _storage_failed(doing: str, exc: OSError, still: str = "the previous version is still live") -> StorageFailed:
+    return StorageFailed(
+        f"{doing} on the device: {_os_reason(exc)}; nothing was changed, {still} "
+        "(free some space on the device, or check its SD card: a failing card turns read-only)")
 
 
 def _flag(args: Dict[str, Any], key: str, default: bool = False) -> bool:

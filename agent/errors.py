@@ -18,6 +18,8 @@ the message becomes ``error`` and should be a sentence a person can act on.
     +-- ChecksumMismatch    checksum_mismatch pushed code does not hash to the given sha256
     +-- ImportFailed        import_failed     pushed code failed its import test
     +-- LoadFailed          load_failed       a module could not be loaded live
+    +-- StorageFailed       storage_error     the device could not write a file (disk full,
+    |                                         read-only SD card)
     +-- ShuttingDown        shutting_down     the agent is stopping; the request did not run, or
     |                                         did not finish in time
     +-- InternalError       internal_error    a bug in the agent itself
@@ -94,6 +96,10 @@ class ImportFailed(AgentError):
 
 class LoadFailed(AgentError):
     code = "load_failed"
+
+
+class StorageFailed(AgentError):
+    code = "storage_error"
 
 
 class ShuttingDown(AgentError):

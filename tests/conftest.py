@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import pytest
 
@@ -132,12 +132,13 @@ class AgentProcess:
     """``python -m agent`` in a child process, started and read until it listens."""
 
     def __init__(self, root: Path, *extra: str, env: Optional[Dict[str, str]] = None,
-                 python: str = sys.executable, cwd: Path = REPO) -> None:
+                 python: str = sys.executable, cwd: Path = REPO,
+                 preexec_fn: Optional[Callable[[], None]] = None) -> None:
         self.root = root
         self.proc = subprocess.Popen(
             [python, "-m", "agent", "--host", "127.0.0.1", "--port", "0", "--root", str(root), *extra],
             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **(env or {})}, preexec_fn=preexec_fn,
         )
         self.address = self._read_address()
 

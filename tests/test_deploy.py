@@ -4,11 +4,13 @@ import asyncio
 import hashlib
 import json
 import re
+import resource
+import signal
 from pathlib import Path
 
 import pytest
 
-from conftest import fixture_text
+from conftest import Client, fixture_text
 
 SEED_STEP1 = fixture_text("seed_camera_step1.py")
 SEED_STEP2 = fixture_text("seed_camera_step2.py")
@@ -492,3 +494,51 @@ async def test_concurrent_deploys_of_different_files_all_succeed(start_agent, co
     replies = await asyncio.gather(*(
         deploy(c, f"mod{n}.py", big + f"\ndef handle_cmd{n}(d):\n    return {{}}\n") for n, c in enumerate(clients)))
     assert all(r["success"] for r in replies), [r.get("error") for r in replies if not r["success"]]
+
+
+# A device whose storage refuses writes (a full SD card, or one that turned read-only)
+
+DISK_LIMIT = 64 * 1024  # the largest file the agent process below may write
+
+
+def small_disk() -> None:
+    """In the agent's process before it starts: the kernel refuses writes past DISK_LIMIT (EFBIG)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_LIMIT, DISK_LIMIT))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+
+
+async def test_a_push_the_disk_refuses_changes_nothing_and_says_why(tmp_path, spawn_agent):
+    root = tmp_path / "device"
+    (root / "handlers").mkdir(parents=True)
+    # Placed before the agent ran, as if written long ago.
+    (root / "handlers" / "big.py").write_text("def handle_big(data):\n    return {}\n" + "#" * DISK_LIMIT + "\n")
+    client = await Client.connect(spawn_agent(root=root, preexec_fn=small_disk).address)
+    try:
+        await deploy(client, "ver.py", version_module(1))
+        reply = await deploy(client, "ver.py", version_module(2) + "#" * DISK_LIMIT + "\n")
+        assert reply["code"] == "storage_error", reply
+        assert "File too large" in reply["error"] and "nothing was changed" in reply["error"]
+        assert (await client.call("version"))["version"] == 1
+        assert (root / "handlers" / "ver.py").read_text() == version_module(1)
+        assert (await client.call("list_backups", filename="ver.py"))["backups"] == []  # no stray copy left
+        # A delete that cannot make its backup leaves the file and its commands alone.
+        refused = await client.call("delete_handler", filename="big.py", backup=True)
+        assert refused["code"] == "storage_error" and "its commands still run" in refused["error"]
+        assert (await client.call("big"))["success"] is True and (root / "handlers" / "big.py").exists()
+    finally:
+        await client.close()
+
+
+async def test_a_deploy_that_landed_but_could_not_be_logged_says_both(tmp_path, spawn_agent):
+    root = tmp_path / "device"
+    (root / ".state").mkdir(parents=True)
+    (root / ".state" / "update_log.jsonl").write_text("#" * (DISK_LIMIT - 10) + "\n")  # one line short of full
+    client = await Client.connect(spawn_agent(root=root, preexec_fn=small_disk).address)
+    try:
+        reply = await deploy(client, "ver.py", version_module(1))
+        assert reply["success"] is True, reply
+        assert reply["validation"]["warnings"] == [
+            "the change was made, but writing the update log failed: File too large"]
+        assert (await client.call("version"))["version"] == 1
+    finally:
+        await client.close()
