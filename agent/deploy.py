@@ -119,10 +119,18 @@ class Deployer:
         if problem is None:
             return
         if modified and good is not None and await self._try_load(name, good) is None:
-            await self._run(self.store.write_live, name, good)
-            detail = f"handlers/{name}.py did not load ({problem}); replaced by its last good copy"
-            self.integrity[name] = {"file": f"{name}.py", "status": "restored", "detail": detail}
-            await self._run(self.store.append_log, _log_entry("restore", name, sha256_hex(good), version, reason=problem))
+            # The good copy runs now. Writing it back may fail (a card that turned read-only): the agent
+            # must still start, so that the device can be reached and the problem seen.
+            unsaved = await self._recorded("writing it back to the file", self.store.write_live, name, good)
+            if unsaved is None:
+                detail = f"handlers/{name}.py did not load ({problem}); replaced by its last good copy"
+                self.integrity[name] = {"file": f"{name}.py", "status": "restored", "detail": detail}
+                await self._recorded("writing the update log", self.store.append_log,
+                                     _log_entry("restore", name, sha256_hex(good), version, reason=problem))
+            else:
+                detail = (f"handlers/{name}.py did not load ({problem}); its last good copy runs, but {unsaved} "
+                          "(check the device's storage; the next start will do the same)")
+                self.integrity[name] = {"file": f"{name}.py", "status": "restored_in_memory", "detail": detail}
             log.error("%s", detail)
             return
         self.registry.mark_failed(name, problem)
@@ -399,7 +407,7 @@ class Deployer:
         unrecorded.append(await self._recorded("writing the update log", self.store.append_log, _log_entry(
             action, name, version, live_version, backup=backup, restored_from=restored_from,
             commands=list(module.commands), reason=reason)))
-        report.warnings.extend(Issue("storage", text) for text in unrecorded if text)
+        report.warnings.extend(Issue("storage", f"the change was made, but {text}") for text in unrecorded if text)
         log.info("%s %s: %s -> %s, %d command(s), backup %s", action, filename,
                  (live_version or "none")[:12], version[:12], len(module.commands), backup or "none")
         return self._reply(action, name, module, version, live_version, backup=backup, report=report,
@@ -411,7 +419,7 @@ class Deployer:
             await self._run(func, *args)
         except OSError as exc:
             log.error("%s failed: %s", what, exc)
-            return f"the change was made, but {what} failed: {_os_reason(exc)}"
+            return f"{what} failed: {_os_reason(exc)}"
         return None
 
     def _put_back(self, name: str, live: Optional[bytes], backup: Optional[str]) -> None:
@@ -472,7 +480,7 @@ class Deployer:
             "backup_created": backup,
             "removed_commands": sorted(previous.commands) if previous else [],
             "previous_version": old_version,
-            "warnings": [text for text in unrecorded if text],
+            "warnings": [f"the change was made, but {text}" for text in unrecorded if text],
         }
 
     # Probation

@@ -83,7 +83,10 @@ class HandlerStore:
         for folder in (self.handlers_dir, self.backups_dir, self.good_dir):
             for leftover in folder.glob(".*.tmp"):
                 log.warning("removing %s, left over from an interrupted write", leftover)
-                leftover.unlink(missing_ok=True)
+                try:
+                    leftover.unlink(missing_ok=True)
+                except OSError as exc:  # a read-only card: harmless litter, and no reason not to start
+                    log.error("could not remove %s: %s", leftover, exc)
 
     # Live files
 

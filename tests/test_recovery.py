@@ -6,7 +6,7 @@ import json
 import random
 
 from conftest import Client, wait_until
-from test_deploy import deploy, version_module
+from test_deploy import DISK_LIMIT, deploy, small_disk, version_module
 
 FLAKY_V2 = (
     "VERSION = 2\n"
@@ -104,6 +104,25 @@ async def test_a_new_module_that_fails_probation_is_unloaded(start_agent, connec
     assert agent.deployer.auto_rollbacks[0]["outcome"] == "unloaded"
     assert (await client.call("version"))["code"] == "unknown_command"
     assert not (agent.deployer.store.handlers_dir / "flaky.py").exists()
+
+
+async def test_an_agent_that_cannot_write_its_restore_still_starts_and_says_so(tmp_path, spawn_agent):
+    # A broken handler file and a good copy the storage refuses to write back (as on a card that
+    # turned read-only): the agent must still come up, or nobody could reach the device to see why.
+    root = tmp_path / "device"
+    (root / "handlers").mkdir(parents=True)
+    (root / ".state" / "good").mkdir(parents=True)
+    (root / "handlers" / "ver.py").write_text("def handle_version(:\n")
+    (root / ".state" / "good" / "ver.py").write_text(version_module(1) + "#" * DISK_LIMIT + "\n")
+    client = await Client.connect(spawn_agent(root=root, preexec_fn=small_disk).address)
+    try:
+        assert (await client.call("version"))["version"] == 1  # the good copy runs
+        (finding,) = (await client.call("get_status"))["integrity"]
+        assert finding["status"] == "restored_in_memory"
+        assert "writing it back to the file failed: File too large" in finding["detail"]
+        assert (root / "handlers" / "ver.py").read_text() == "def handle_version(:\n"
+    finally:
+        await client.close()
 
 
 async def test_a_hand_edited_handler_is_reported_at_start(start_agent, connect, tmp_path):

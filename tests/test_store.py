@@ -34,6 +34,18 @@ def test_temp_files_from_an_interrupted_write_are_swept_at_start(tmp_path):
     assert not leftover.exists()
 
 
+def test_a_leftover_that_cannot_be_removed_does_not_stop_the_start(tmp_path):
+    # On a card that turned read-only no leftover can be removed; here one refuses by being a folder.
+    store = HandlerStore(tmp_path, keep_backups=3)
+    store.ensure_dirs()
+    stuck = store.handlers_dir / ".ver.py.abc123.tmp"
+    stuck.mkdir()
+    removable = store.backups_dir / ".handlers_ver.py_x.backup.def456.tmp"
+    removable.write_bytes(b"half a file")
+    store.ensure_dirs()
+    assert stuck.is_dir() and not removable.exists()
+
+
 def test_a_torn_last_log_line_is_skipped(tmp_path):
     store = HandlerStore(tmp_path, keep_backups=3)
     store.ensure_dirs()
