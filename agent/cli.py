@@ -148,6 +148,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         asyncio.run(serve(config))
     except OSError as exc:
+        if exc.filename is not None:  # a file or folder under --root, not the socket
+            print(f"pi-agent: cannot use --root {config.root}: {exc.strerror or exc}: {exc.filename} "
+                  "(it must be a folder the agent can create and write)", file=sys.stderr)
+            return 1
         hint = ""
         if exc.errno == errno.EADDRINUSE:
             hint = " (another program, perhaps another pi-agent, has this port: stop it or pick another --port)"

@@ -42,6 +42,14 @@ def test_bad_settings_are_usage_errors(tmp_path):
     assert result.returncode == 2 and "port" in result.stderr
 
 
+def test_a_root_that_is_not_a_folder_is_exit_1_naming_it(tmp_path):
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("")
+    result = run_agent_cli("--port", "0", "--root", str(a_file))
+    assert result.returncode == 1 and "cannot listen" not in result.stderr
+    assert f"cannot use --root {a_file}: Not a directory" in result.stderr
+
+
 def test_a_port_in_use_is_exit_1_with_what_to_do(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
