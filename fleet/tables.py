@@ -55,6 +55,16 @@ def _failed_to_load(result: DeviceResult) -> Set[str]:
     return {module["file"] for module in (result.reply or {}).get("failed_modules", [])}
 
 
+def _findings(reply: Dict[str, Any]) -> List[str]:
+    """What an agent found by itself and a person should know: files changed behind its back, and
+    code that probation rolled back (the newest time per file)."""
+    found = [str(finding.get("detail")) for finding in reply.get("integrity", [])]
+    newest = {record.get("file"): record for record in reply.get("auto_rollbacks", [])}  # oldest first
+    for file, record in newest.items():
+        found.append(f"{file} was rolled back automatically {ago(record.get('time'))}: {record.get('reason')}")
+    return found
+
+
 def drifted(devices: Sequence[Device], statuses: Dict[str, DeviceResult]) -> Dict[str, List[str]]:
     """``{device_id: [handler files on which it differs from most devices of its type]}``.
 
@@ -88,7 +98,7 @@ def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
                     for file in {*_running(result), *_failed_to_load(result)}})
     headers = ["device", "name", "address", "reachable", "agent", "uptime", *files, "commands", "last change"]
     rows = []
-    problems = []  # why each device that did not answer did not, under the table
+    problems = []  # under the table: why a device did not answer, or what its agent reported
     for device in devices:
         result = statuses.get(device.id)
         reply = (result.reply or {}) if result else {}
@@ -99,6 +109,7 @@ def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
             if result is not None and result.error:
                 problems.append(f"{device.id}: {result.error}")
             continue
+        problems.extend(f"{device.id}: {finding}" for finding in _findings(reply))
         running, failed = _running(result), _failed_to_load(result)
         cells = []
         for file in files:

@@ -586,6 +586,24 @@ async def test_a_handler_that_failed_to_load_shows_in_the_status_table(start_age
     assert header.split()[6:8] == ["bad.py", "ver.py"] and "LOAD FAILED" in row and sha(V1)[:8] in row
 
 
+async def test_what_an_agent_found_by_itself_shows_under_the_status_table(start_agent, tmp_path):
+    edited = tmp_path / "edited"
+    (edited / ".state" / "good").mkdir(parents=True)
+    (edited / ".state" / "good" / "ver.py").write_text(V1)
+    hand_edited = await start_agent(root=edited, handlers={"ver": V2})
+    flaky = await start_agent(probation_failures=2)
+    devices = [device_for(hand_edited, "d0"), device_for(flaky, "d1")]
+    async with Fleet(devices) as fleet:
+        await fleet.send("d1", {"command": "update_handler", "filename": "ver.py", "code": scripted("crash")})
+        for _ in range(2):
+            await fleet.send("d1", {"command": "boom"})
+        await wait_until(lambda: flaky.deployer.auto_rollbacks, what="the automatic rollback")
+        statuses, last = await fleet.status()
+    notes = status_table(devices, statuses, last).split("\n\n", 1)[1].splitlines()
+    assert notes[0].startswith("d0: handlers/ver.py differs from the version last deployed through the agent")
+    assert notes[1].startswith("d1: ver.py was rolled back automatically 0s ago: probation: 2 of 2 calls failed")
+
+
 async def test_an_even_split_marks_every_side(start_agent):
     agents = [await start_agent(handlers={"ver": V1}), await start_agent(handlers={"ver": V2})]
     devices = [device_for(a, f"d{i}") for i, a in enumerate(agents)]
