@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "they parse (duration=30 is a number, filename=x.h264 a string).")
     p.add_argument("device", help="a device id, or 'all' (narrow with --tag/--only)")
     p.add_argument("name", metavar="COMMAND", help="command name, e.g. camera_status")
-    p.add_argument("args", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("args", nargs="*", default=[], metavar="KEY=VALUE")  # a default: or argparse calls it required
 
     sub.add_parser("commands", parents=[common, targets], help="the commands each device offers")
     p = sub.add_parser("backups", parents=[common, targets], help="backups of a handler file on each device")

@@ -164,6 +164,13 @@ def test_usage_and_config_errors_exit_2_with_a_message(argv, words, capsys, monk
     assert words in capsys.readouterr()[1]
 
 
+def test_send_without_a_command_names_only_what_is_missing(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["send", "raspi_main"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr()[1].splitlines()[-1].endswith("the following arguments are required: COMMAND")
+
+
 def test_ctrl_c_during_a_deploy_exits_130_and_says_what_to_check(tmp_path, agents):
     devices = inventory(tmp_path, agents)
     slow = handler(tmp_path, "import time\n\ndef handle_slow(data):\n    time.sleep(20)\n    return {}\n", "slow.py")
