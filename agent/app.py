@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import platform
+import shutil
 import socket
 import time
 from typing import Any, Dict, Optional, Tuple
@@ -120,8 +121,17 @@ class Agent:
             "handler_threads": self.dispatcher.handler_threads,
             "stuck_handler_calls": self.dispatcher.stuck_calls,
             "stuck_handler_calls_total": self.dispatcher.stuck_total,
+            "disk": self._disk(),
             **self.deployer.status(),
         }
+
+    def _disk(self) -> Optional[Dict[str, int]]:
+        """Space on the storage that holds the handlers: a full card is what makes deploys fail."""
+        try:
+            usage = shutil.disk_usage(self.config.root)
+        except OSError:
+            return None
+        return {"free_bytes": usage.free, "total_bytes": usage.total}
 
     def list_commands(self, request: Request) -> Dict[str, Any]:
         handlers = {cmd: f"{h.module_name}.py" for cmd, h in sorted(self.registry.table.items())}

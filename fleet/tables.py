@@ -17,6 +17,8 @@ from .inventory import Device
 from .results import DeviceResult, Status
 
 DRIFT_MARK = "*"
+# Limits
+LOW_DISK_SHARE = 0.10  # below this share of free space a device's storage is called out under the status table
 
 
 def short(version: Optional[str]) -> str:
@@ -56,13 +58,25 @@ def _failed_to_load(result: DeviceResult) -> Set[str]:
 
 
 def _findings(reply: Dict[str, Any]) -> List[str]:
-    """What an agent found by itself and a person should know: files changed behind its back, and
-    code that probation rolled back (the newest time per file)."""
+    """What an agent found by itself and a person should know: files changed behind its back, code
+    that probation rolled back (the newest time per file), and storage that is nearly full."""
     found = [str(finding.get("detail")) for finding in reply.get("integrity", [])]
     newest = {record.get("file"): record for record in reply.get("auto_rollbacks", [])}  # oldest first
     for file, record in newest.items():
         found.append(f"{file} was rolled back automatically {ago(record.get('time'))}: {record.get('reason')}")
+    disk = reply.get("disk") or {}
+    free, total = disk.get("free_bytes"), disk.get("total_bytes")
+    if isinstance(free, int) and isinstance(total, int) and total > 0 and free < total * LOW_DISK_SHARE:
+        found.append(f"only {size(free)} free of {size(total)} ({free * 100 // total}%) on the agent's storage: "
+                     "deploys (and recordings) fail once it is full")
     return found
+
+
+def size(count: int) -> str:
+    """Storage sizes for people: ``120 MiB``, ``1.1 GiB``."""
+    if count < 1024 ** 3:
+        return f"{count / 1024 ** 2:.0f} MiB"
+    return f"{count / 1024 ** 3:.1f} GiB"
 
 
 def drifted(devices: Sequence[Device], statuses: Dict[str, DeviceResult]) -> Dict[str, List[str]]:

@@ -10,6 +10,7 @@ from conftest import scripted, wait_until
 from fleet import ConfigError, Device, Fleet, RolloutPlan, Status, deploy, load_inventory, parse_inventory
 from fleet.errors import CommandTimeout, DeviceUnreachable
 from fleet.fleet import attempt
+from fleet.results import DeviceResult
 from fleet.local import free_port
 from fleet.tables import drifted, rollout_table, status_table
 
@@ -602,6 +603,20 @@ async def test_what_an_agent_found_by_itself_shows_under_the_status_table(start_
     notes = status_table(devices, statuses, last).split("\n\n", 1)[1].splitlines()
     assert notes[0].startswith("d0: handlers/ver.py differs from the version last deployed through the agent")
     assert notes[1].startswith("d1: ver.py was rolled back automatically 0s ago: probation: 2 of 2 calls failed")
+
+
+def test_nearly_full_storage_is_called_out_under_the_status_table():
+    # Rendering only: a real agent's disk cannot be filled for a test. The agent's side of it,
+    # get_status["disk"], is checked over a socket in test_runtime.py.
+    devices = [Device(id=f"d{i}", host="127.0.0.1", port=3000 + i) for i in range(2)]
+    gib = 1024 ** 3
+    statuses = {
+        "d0": DeviceResult("d0", Status.OK, reply={"disk": {"free_bytes": gib // 2, "total_bytes": 8 * gib}}),
+        "d1": DeviceResult("d1", Status.OK, reply={"disk": {"free_bytes": 4 * gib, "total_bytes": 8 * gib}}),
+    }
+    notes = status_table(devices, statuses, {}).split("\n\n", 1)[1].splitlines()
+    assert notes == ["d0: only 512 MiB free of 8.0 GiB (6%) on the agent's storage: "
+                     "deploys (and recordings) fail once it is full"]
 
 
 async def test_an_even_split_marks_every_side(start_agent):

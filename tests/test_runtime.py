@@ -1,6 +1,7 @@
 """Handler modules at runtime: loading, clashes, calls, misbehaviour, time limits, stats, auth."""
 
 import asyncio
+import shutil
 
 import pytest
 
@@ -20,6 +21,9 @@ async def test_modules_load_at_start_from_both_export_styles(start_agent, connec
     (module,) = status["modules"]
     assert module["file"] == "basic.py" and len(module["sha256"]) == 64 and "add" in module["commands"]
     assert status["deploy_features"] == ["if_version", "to_version"]  # what a controller may rely on
+    disk = status["disk"]
+    assert 0 < disk["free_bytes"] <= disk["total_bytes"]
+    assert abs(disk["free_bytes"] - shutil.disk_usage(agent.config.root).free) < 64 * 1024 * 1024
 
 
 async def test_a_module_that_fails_to_load_is_reported_and_the_rest_still_load(start_agent, connect):
