@@ -59,17 +59,6 @@ async def test_a_rollback_after_the_automatic_one_does_not_put_the_failing_code_
     assert agent.registry.modules["ver"].sha256 == hashlib.sha256(FLAKY_V2.encode()).hexdigest()
 
 
-async def test_a_new_module_removed_by_probation_is_not_brought_back_by_a_rollback(start_agent, connect):
-    agent = await start_agent(probation_failures=2)
-    client = await connect(agent)
-    await deploy(client, "flaky.py", FLAKY_V2)
-    for _ in range(2):
-        await client.call("version")
-    await wait_until(lambda: agent.deployer.auto_rollbacks, what="the automatic rollback")
-    assert (await client.call("rollback_handler", filename="flaky.py"))["code"] == "not_found"
-    assert not (agent.deployer.store.handlers_dir / "flaky.py").exists()
-
-
 async def test_probation_false_leaves_a_failing_module_alone(start_agent, connect):
     agent = await start_agent(probation_failures=2)
     client = await connect(agent)
@@ -103,6 +92,9 @@ async def test_a_new_module_that_fails_probation_is_unloaded(start_agent, connec
     await wait_until(lambda: agent.deployer.auto_rollbacks, what="the automatic rollback")
     assert agent.deployer.auto_rollbacks[0]["outcome"] == "unloaded"
     assert (await client.call("version"))["code"] == "unknown_command"
+    assert not (agent.deployer.store.handlers_dir / "flaky.py").exists()
+    # Its backup is the version probation removed: a plain rollback must not bring it back.
+    assert (await client.call("rollback_handler", filename="flaky.py"))["code"] == "not_found"
     assert not (agent.deployer.store.handlers_dir / "flaky.py").exists()
 
 
