@@ -21,8 +21,8 @@ from . import tables
 from .errors import ConfigError
 from .fleet import DEFAULT_CONCURRENCY, Fleet
 from .inventory import Inventory, load_inventory
-from .results import DeviceResult, Status
-from .rollout import RolloutPlan, deploy, read_handler, short
+from .results import DeviceResult, Status, short
+from .rollout import RolloutPlan, deploy, read_handler
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 REPO_DEVICES = Path(__file__).resolve().parent.parent / "devices.json"

@@ -35,8 +35,8 @@ from .errors import ConfigError
 from .fleet import Fleet
 from .inventory import load_inventory
 from .local import LocalAgents, free_port, install_stand_in_recorder
-from .results import DeviceResult, Status
-from .rollout import RolloutPlan, deploy, short
+from .results import DeviceResult, Status, short
+from .rollout import RolloutPlan, deploy
 
 HANDLER = Path(__file__).resolve().parent.parent / "handlers" / "camera_handlers.py"
 NAMES = ["raspi_main", "raspi_finish", "raspi_pit", "raspi_paddock", "raspi_grandstand", "raspi_tunnel"]

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
 
+def short(version: Optional[str]) -> str:
+    """A version (sha256) as people read it: its first 8 hex digits, or ``-`` for none."""
+    return version[:8] if version else "-"
+
+
 class Status(str, enum.Enum):
     OK = "OK"
     FAILED = "FAILED"  # the device answered success: false, or the rollout's checks failed

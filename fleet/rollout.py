@@ -30,7 +30,7 @@ from agent.protocol import encode_shared_request
 
 from .errors import ConfigError
 from .fleet import Fleet, ResultCallback, attempt
-from .results import DeviceResult, Status
+from .results import DeviceResult, Status, short
 
 _AMOUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%?)\s*$")
 
@@ -153,10 +153,6 @@ def read_handler(path: Path) -> tuple:
         raise ConfigError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
-
-
-def short(version: Optional[str]) -> str:
-    return version[:8] if version else "-"
 
 
 class Rollout:

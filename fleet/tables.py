@@ -14,15 +14,11 @@ from typing import Any, Dict, List, Optional, Sequence, Set
 from tabulate import tabulate
 
 from .inventory import Device
-from .results import DeviceResult, Status
+from .results import DeviceResult, Status, short
 
 DRIFT_MARK = "*"
 # Limits
 LOW_DISK_SHARE = 0.10  # below this share of free space a device's storage is called out under the status table
-
-
-def short(version: Optional[str]) -> str:
-    return version[:8] if version else "-"
 
 
 def duration(seconds: Optional[float]) -> str:
