@@ -8,7 +8,7 @@
 """
 
 from .errors import (CommandTimeout, ConfigError, ConnectionLost, DeviceUnreachable, FleetError, ProtocolError,
-                     RemoteError, UnknownDevice)
+                     UnknownDevice)
 from .fleet import Fleet
 from .inventory import Device, Inventory, load_inventory, parse_inventory
 from .results import DeviceResult, Status
@@ -16,6 +16,6 @@ from .rollout import Amount, RolloutPlan, RolloutReport, deploy
 
 __all__ = [
     "Amount", "CommandTimeout", "ConfigError", "ConnectionLost", "Device", "DeviceResult", "DeviceUnreachable", "Fleet",
-    "FleetError", "Inventory", "ProtocolError", "RemoteError", "RolloutPlan", "RolloutReport", "Status", "UnknownDevice",
+    "FleetError", "Inventory", "ProtocolError", "RolloutPlan", "RolloutReport", "Status", "UnknownDevice",
     "deploy", "load_inventory", "parse_inventory",
 ]

@@ -218,8 +218,8 @@ class DeviceConnection:
     async def request(self, message: Dict[str, Any], timeout: Optional[float] = None) -> Dict[str, Any]:
         """Send one request and return the agent's reply (which may say ``success: false``).
 
-        Raises ``DeviceUnreachable`` or ``CommandTimeout``; never ``RemoteError``:
-        a refusal is a reply, and the caller decides what it means.
+        Raises ``DeviceUnreachable``, ``CommandTimeout`` or ``ProtocolError``; a
+        refusal is a reply, not an exception, and the caller decides what it means.
         """
         return await self.request_encoded(encode_shared_request(message), str(message.get("command")), timeout)
 

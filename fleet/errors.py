@@ -1,9 +1,10 @@
 """Errors of the fleet controller.
 
 Keep *the device said no* apart from *we could not reach it*: the first is a
-reply (``RemoteError`` carries the agent's ``code``), the second is about the
-network (``DeviceUnreachable``, ``CommandTimeout``). Fan-out never raises
-these for a single device; it turns them into per-device results.
+reply (``success: false`` with the agent's ``code``), never an exception; the
+second is about the network (``DeviceUnreachable``, ``CommandTimeout``).
+Fan-out never raises these for a single device; it turns them into
+per-device results.
 
     FleetError
     +-- ConfigError          a bad devices.json or option (CLI exit code 2)
@@ -13,12 +14,9 @@ these for a single device; it turns them into per-device results.
         |   +-- ConnectionLost       it dropped with our request unanswered: it may have run
         +-- CommandTimeout       no reply within the time limit
         +-- ProtocolError        the device answered something that is not our protocol
-        +-- RemoteError          the agent answered success: false (code, message)
 """
 
 from __future__ import annotations
-
-from typing import Any, Dict, Optional
 
 
 class FleetError(Exception):
@@ -56,12 +54,3 @@ class CommandTimeout(DeviceError):
 
 class ProtocolError(DeviceError):
     code = "protocol_error"
-
-
-class RemoteError(DeviceError):
-    """The agent answered, and said no."""
-
-    def __init__(self, device_id: str, code: str, message: str, reply: Optional[Dict[str, Any]] = None) -> None:
-        super().__init__(device_id, f"[{code}] {message}")
-        self.code = code
-        self.reply = reply or {}
