@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from . import __version__
 from .app import Agent
@@ -40,6 +40,7 @@ log = logging.getLogger("agent")
 
 # Timeouts
 STUCK_THREAD_GRACE = 1.0  # seconds for idle worker threads to finish at exit
+LISTENING = "listening on"  # in the line printed once connections are accepted: see listening_address
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +121,17 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     )
 
 
+def listening_address(line: str) -> Optional[Tuple[str, int]]:
+    """``(host, port)`` from the line pi-agent prints once it accepts connections; None for any other line.
+
+    What starts an agent with ``--port 0`` (the demo, the tests) reads the port it got from here.
+    """
+    if LISTENING not in line:
+        return None
+    host, _, port = line.split(LISTENING, 1)[1].split()[0].rpartition(":")
+    return host, int(port)
+
+
 async def serve(config: AgentConfig) -> None:
     """Run an agent until SIGTERM or SIGINT, then shut it down cleanly."""
     stop = asyncio.Event()
@@ -129,7 +141,7 @@ async def serve(config: AgentConfig) -> None:
     agent = Agent(config)
     try:
         host, port = await agent.start()
-        print(f"pi-agent {__version__} listening on {host}:{port} (root {config.root})", flush=True)
+        print(f"pi-agent {__version__} {LISTENING} {host}:{port} (root {config.root})", flush=True)
         await stop.wait()
         log.info("stopping")
     finally:

@@ -17,7 +17,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
+
+from agent.cli import listening_address
 
 from .inventory import Device
 
@@ -78,8 +80,7 @@ class LocalAgents:
         self.base = base
         self.agents: Dict[str, LocalAgent] = {}
 
-    def start(self, device_id: str, *, env: Optional[Dict[str, str]] = None, extra: Sequence[str] = (),
-              name: str = "", tags: Tuple[str, ...] = ()) -> LocalAgent:
+    def start(self, device_id: str, *, env: Optional[Dict[str, str]] = None, extra: Sequence[str] = ()) -> LocalAgent:
         root = self.base / device_id
         root.mkdir(parents=True, exist_ok=True)
         log = open(root / "agent.log", "ab")
@@ -89,12 +90,11 @@ class LocalAgents:
         )
         log.close()
         assert process.stdout is not None
-        line = process.stdout.readline()
-        if "listening on" not in line:
+        address = listening_address(process.stdout.readline())
+        if address is None:
             process.kill()
             raise RuntimeError(f"agent {device_id} did not start; see {root / 'agent.log'}")
-        port = int(line.split("listening on ", 1)[1].split()[0].rsplit(":", 1)[1])
-        device = Device(id=device_id, host="127.0.0.1", port=port, name=name or device_id, tags=tuple(tags))
+        device = Device(id=device_id, host=address[0], port=address[1], name=device_id)
         agent = LocalAgent(device, root, process)
         self.agents[device_id] = agent
         return agent

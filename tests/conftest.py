@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 import pytest
 
 from agent.app import Agent
+from agent.cli import listening_address
 from agent.config import AgentConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,13 +146,12 @@ class AgentProcess:
     def _read_address(self):
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # the agent prints this line once it accepts connections
-        if "listening on" not in line:
+        address = listening_address(line)
+        if address is None:
             self.proc.kill()
             _, err = self.proc.communicate(timeout=10)
             raise RuntimeError(f"agent did not start: {line!r} {err}")
-        host_port = line.split("listening on ", 1)[1].split()[0]
-        host, port = host_port.rsplit(":", 1)
-        return host, int(port)
+        return address
 
     def terminate(self, timeout: float = 20) -> int:
         self.proc.send_signal(signal.SIGTERM)
