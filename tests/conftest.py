@@ -8,6 +8,7 @@ process, for what only a real process shows (signals, exit codes, kill -9).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -41,6 +42,16 @@ async def wait_until(predicate, timeout: float = REPLY_TIMEOUT, what: str = "con
 def scripted(name: str) -> str:
     """The source of a scripted handler module from tests/scripted_handlers/."""
     return (SCRIPTED / f"{name}.py").read_text()
+
+
+def sha(text: str) -> str:
+    """The version an agent gives handler code: the sha256 of its UTF-8 bytes."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def waits_for(flag: Path) -> str:
+    """Module code that blocks its import (the push's import test) until ``flag`` exists: a push held mid-way."""
+    return f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n    time.sleep(0.01)\n"
 
 
 def fixture_text(name: str) -> str:

@@ -1,7 +1,6 @@
 """Safe remote deploy over real sockets: update, checks, import test, rollback, delete, log."""
 
 import asyncio
-import hashlib
 import json
 import re
 import resource
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Client, fixture_text
+from conftest import Client, fixture_text, sha, waits_for
 
 SEED_STEP1 = fixture_text("seed_camera_step1.py")
 SEED_STEP2 = fixture_text("seed_camera_step2.py")
@@ -36,7 +35,7 @@ async def test_seed_camera_handler_deploys_with_the_seed_reply(start_agent, conn
     assert reply["backup_created"] is None  # nothing to back up on the first deploy
     assert reply["validation_passed"] is True
     assert reply["reload"] == {"success": True, "command_count": 3, "commands": SEED_COMMANDS}
-    assert reply["version"] == hashlib.sha256(SEED_STEP1.encode()).hexdigest()
+    assert reply["version"] == sha(SEED_STEP1)
     assert reply["validation"]["warnings"] == []
     assert isinstance(reply["timestamp"], float)
     assert (agent.deployer.store.handlers_dir / "camera_handlers.py").read_text() == SEED_STEP1
@@ -52,7 +51,7 @@ async def test_seed_step2_string_deploys_over_step1_and_backs_it_up(start_agent,
     assert reply["success"] is True and reply["reload"]["commands"] == SEED_COMMANDS
     assert BACKUP_NAME.match(reply["backup_created"]), reply["backup_created"]
     assert (agent.config.root / reply["backup_created"]).read_text() == SEED_STEP1
-    assert reply["previous_version"] == hashlib.sha256(SEED_STEP1.encode()).hexdigest()
+    assert reply["previous_version"] == sha(SEED_STEP1)
 
 
 async def test_seed_bad_code_is_refused_with_the_seed_error_and_the_old_handler_works(start_agent, connect):
@@ -286,7 +285,7 @@ async def test_sha256_must_match_the_code(start_agent, connect):
     code = version_module(1)
     wrong = await deploy(client, "ver.py", code, sha256="0" * 64)
     assert wrong["code"] == "checksum_mismatch" and not (agent.deployer.store.handlers_dir / "ver.py").exists()
-    right = await deploy(client, "ver.py", code, sha256=hashlib.sha256(code.encode()).hexdigest().upper())
+    right = await deploy(client, "ver.py", code, sha256=sha(code).upper())
     assert right["success"] is True
 
 
@@ -322,7 +321,7 @@ async def test_rollback_to_a_named_backup(start_agent, connect):
         await deploy(client, "ver.py", version_module(n))
     backups = (await client.call("list_backups", filename="ver.py"))["backups"]
     oldest = backups[-1]
-    assert oldest["sha256"] == hashlib.sha256(version_module(1).encode()).hexdigest()
+    assert oldest["sha256"] == sha(version_module(1))
     reply = await client.call("rollback_handler", filename="ver.py", backup=oldest["backup"])
     assert reply["success"] is True and (await client.call("version"))["version"] == 1
     missing = await client.call("rollback_handler", filename="ver.py", backup="handlers_ver.py_20000101_000000.backup")
@@ -331,14 +330,9 @@ async def test_rollback_to_a_named_backup(start_agent, connect):
     assert foreign["code"] == "bad_request"
 
 
-def waits_for(flag: Path, n: int, fail: bool = False) -> str:
+def held_version(flag: Path, n: int, fail: bool = False) -> str:
     """Version ``n`` of ver.py, whose import waits until ``flag`` exists (then fails, with ``fail``)."""
-    wait = f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n    time.sleep(0.01)\n"
-    return wait + ("raise RuntimeError('broken on purpose')\n" if fail else "") + version_module(n)
-
-
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    return waits_for(flag) + ("raise RuntimeError('broken on purpose')\n" if fail else "") + version_module(n)
 
 
 async def test_a_conditional_rollback_waits_for_a_running_push_and_undoes_only_that_version(start_agent, connect,
@@ -348,7 +342,7 @@ async def test_a_conditional_rollback_waits_for_a_running_push_and_undoes_only_t
     await deploy(client, "ver.py", version_module(1))
     for fail in (False, True):
         flag = tmp_path / f"go-{fail}"
-        pushed = waits_for(flag, 2, fail)
+        pushed = held_version(flag, 2, fail)
         # Both requests in one write: the push takes the file's lock first, the undo queues behind it.
         await client.send_raw(
             (json.dumps({"command": "update_handler", "filename": "ver.py", "code": pushed, "id": "push"}) + "\n"
@@ -412,7 +406,7 @@ async def test_backups_are_listed_newest_first_and_pruned(start_agent, connect):
     backups = (await client.call("list_backups", filename="ver.py"))["backups"]
     assert len(backups) == 3
     kept = [b["sha256"] for b in backups]
-    assert kept == [hashlib.sha256(version_module(n).encode()).hexdigest() for n in (5, 4, 3)]
+    assert kept == [sha(version_module(n)) for n in (5, 4, 3)]
 
 
 async def test_update_log_records_every_change_newest_first(start_agent, connect):
@@ -423,7 +417,7 @@ async def test_update_log_records_every_change_newest_first(start_agent, connect
     await client.call("delete_handler", filename="ver.py")
     entries = (await client.call("update_log"))["entries"]
     assert [e["action"] for e in entries] == ["delete", "rollback", "deploy", "deploy"]
-    assert entries[-1]["version"] == hashlib.sha256(version_module(1).encode()).hexdigest()
+    assert entries[-1]["version"] == sha(version_module(1))
     assert len((await client.call("update_log", limit=2))["entries"]) == 2
     assert (await client.call("update_log", limit=0))["code"] == "bad_request"
 

@@ -1,12 +1,11 @@
 """The fleet library over real local agents: inventory, send/send_all, rollouts, drift."""
 
 import asyncio
-import hashlib
 import json
 
 import pytest
 
-from conftest import scripted, wait_until
+from conftest import scripted, sha, wait_until, waits_for
 from fleet import ConfigError, Device, Fleet, RolloutPlan, Status, deploy, load_inventory, parse_inventory
 from fleet.errors import CommandTimeout, DeviceUnreachable
 from fleet.fleet import attempt
@@ -17,10 +16,6 @@ from fleet.tables import drifted, rollout_table, status_table
 V1 = "VERSION = 1\n\ndef handle_version(data):\n    return {'version': VERSION}\n"
 V2 = "VERSION = 2\n\ndef handle_version(data):\n    return {'version': VERSION}\n"
 CLASH = "def handle_version(data):\n    return {'version': 'old'}\n"
-
-
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def device_for(agent, device_id: str, **kw) -> Device:
@@ -380,8 +375,7 @@ async def test_a_changed_device_that_cannot_be_rolled_back_is_failed_and_says_so
 async def test_a_push_that_timed_out_is_checked_and_undone_if_it_landed_after_all(start_agent, tmp_path, lands):
     """The push is answered only after the rollout gave up on it: the undo queues behind it on the device."""
     flag = tmp_path / "go"
-    wait = f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n    time.sleep(0.01)\n"
-    slow = wait + ("" if lands else "raise RuntimeError('broken on purpose')\n") + V2
+    slow = waits_for(flag) + ("" if lands else "raise RuntimeError('broken on purpose')\n") + V2
     agent = await start_agent(handlers={"ver": V1})
 
     def release_once_timed_out(result):
@@ -408,7 +402,7 @@ async def test_a_push_that_timed_out_is_checked_and_undone_if_it_landed_after_al
 
 async def test_an_unanswered_dry_run_is_not_said_to_maybe_land(start_agent, tmp_path):
     flag = tmp_path / "go"
-    slow = f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n    time.sleep(0.01)\n" + V2
+    slow = waits_for(flag) + V2
     agent = await start_agent(handlers={"ver": V1})
     async with Fleet([device_for(agent, "d0")]) as fleet:
         report = await deploy(fleet, write_handler(tmp_path, slow), on_result=lambda result: flag.touch(),

@@ -5,7 +5,7 @@ import hashlib
 import json
 import random
 
-from conftest import Client, wait_until
+from conftest import Client, sha, wait_until
 from test_deploy import DISK_LIMIT, deploy, small_disk, version_module
 
 FLAKY_V2 = (
@@ -36,7 +36,7 @@ async def test_probation_rolls_back_a_module_that_keeps_failing(start_agent, con
     assert status["probation"] == []
     latest = (await client.call("update_log", limit=1))["entries"][0]
     assert latest["action"] == "auto_rollback" and "probation" in latest["reason"]
-    assert latest["version"] == hashlib.sha256(version_module(1).encode()).hexdigest()
+    assert latest["version"] == sha(version_module(1))
 
 
 async def test_a_rollback_after_the_automatic_one_does_not_put_the_failing_code_back(start_agent, connect):
@@ -50,13 +50,13 @@ async def test_a_rollback_after_the_automatic_one_does_not_put_the_failing_code_
     await wait_until(lambda: agent.deployer.auto_rollbacks, what="the automatic rollback")
     reply = await client.call("rollback_handler", filename="ver.py")
     assert reply["code"] == "not_found" and "probation rolled back" in reply["error"]
-    assert hashlib.sha256(FLAKY_V2.encode()).hexdigest()[:12] in reply["error"]
+    assert sha(FLAKY_V2)[:12] in reply["error"]
     assert (await client.call("version"))["version"] == 1
     # Pushed again on purpose, it is a version like any other: a later rollback may return to it.
     await deploy(client, "ver.py", FLAKY_V2, probation=False)
     await deploy(client, "ver.py", version_module(3))
     await client.call("rollback_handler", filename="ver.py")
-    assert agent.registry.modules["ver"].sha256 == hashlib.sha256(FLAKY_V2.encode()).hexdigest()
+    assert agent.registry.modules["ver"].sha256 == sha(FLAKY_V2)
 
 
 async def test_probation_false_leaves_a_failing_module_alone(start_agent, connect):
@@ -67,7 +67,7 @@ async def test_probation_false_leaves_a_failing_module_alone(start_agent, connec
     for _ in range(5):
         assert (await client.call("version"))["code"] == "handler_error"
     assert agent.deployer.auto_rollbacks == []
-    assert agent.registry.modules["ver"].sha256 == hashlib.sha256(FLAKY_V2.encode()).hexdigest()
+    assert agent.registry.modules["ver"].sha256 == sha(FLAKY_V2)
 
 
 async def test_probation_ends_after_enough_good_calls(start_agent, connect):
@@ -155,7 +155,7 @@ async def test_kill_9_during_deploys_never_leaves_a_truncated_file(tmp_path, spa
     rng = random.Random(1234)
     # Big enough that writing it takes a moment, so kills land mid-deploy too.
     versions = [version_module(n) + "\n# padding\n" + "X = 1\n" * 20000 for n in range(1, 6)]
-    valid = {hashlib.sha256(v.encode()).hexdigest(): v for v in versions}
+    valid = {sha(v): v for v in versions}
     proc = spawn_agent(root=root)
     client = await Client.connect(proc.address)
     assert (await client.call("update_handler", filename="ver.py", code=versions[0]))["success"]
