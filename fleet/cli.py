@@ -189,8 +189,7 @@ async def cmd_deploy(fleet: Fleet, inventory: Inventory, ids: List[str], args: a
           f"max failures {plan.max_failures}{', verify ' + plan.verify if plan.verify else ''}"
           f"{', DRY RUN' if plan.dry_run else ''}", file=sys.stderr, flush=True)
     report = await deploy(fleet, args.file, ids, plan, on_result=out.progress(len(ids)))
-    counts = ", ".join(f"{n} {status}" for status, n in sorted(report.counts().items()))
-    summary = f"{report.filename} version {short(report.version)}: {counts} in {report.seconds:.1f}s"
+    summary = f"{report.filename} version {short(report.version)}: {report.tally()} in {report.seconds:.1f}s"
     if report.halted:
         summary = f"HALTED: {report.halt_reason}\n{summary}"
     out.emit(report.as_dict(), tables.rollout_table(list(report.results.values())) + "\n\n" + summary)
@@ -236,9 +235,8 @@ async def cmd_commands(fleet: Fleet, inventory: Inventory, ids: List[str], args:
 
 async def cmd_backups(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
     def summary(reply: Dict[str, Any]) -> str:
-        backups = reply.get("backups", [])
-        return "; ".join(f"{b['backup']} ({short(b.get('sha256'))})" for b in backups[:3]) + \
-            (f"; +{len(backups) - 3} more" if len(backups) > 3 else "") if backups else "(none)"
+        backups = [f"{b['backup']} ({short(b.get('sha256'))})" for b in reply.get("backups", [])]
+        return tables.some(backups, shown=3) if backups else "(none)"
 
     return await report_each(fleet, {"command": "list_backups", "filename": args.file}, ids, args, out, summary)
 

@@ -142,8 +142,7 @@ async def _rollout(inventory_path: Path) -> Tuple[int, Dict[str, Any]]:
         report = await deploy(fleet, HANDLER, ids, plan, on_result=_progress(len(ids)))
         say()
         say(tables.rollout_table(list(report.results.values())))
-        say(f"{report.filename} version {short(report.version)}: "
-            + ", ".join(f"{n} {s}" for s, n in sorted(report.counts().items()))
+        say(f"{report.filename} version {short(report.version)}: {report.tally()}"
             + (f"; HALTED: {report.halt_reason}" if report.halted else ""))
         broken = report.results.get(BROKEN)
         if broken is not None and broken.status is Status.FAILED:
@@ -166,7 +165,7 @@ async def _rollout(inventory_path: Path) -> Tuple[int, Dict[str, Any]]:
 
         heading("The same rollout again: devices already on this version are skipped")
         again = await deploy(fleet, HANDLER, ids, plan)
-        say(", ".join(f"{n} {s}" for s, n in sorted(again.counts().items())))
+        say(again.tally())
 
         heading("fleet status")
         statuses, last = await fleet.status(ids)

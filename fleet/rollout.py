@@ -127,6 +127,10 @@ class RolloutReport:
             counts[result.status.value] = counts.get(result.status.value, 0) + 1
         return counts
 
+    def tally(self) -> str:
+        """``1 FAILED, 3 OK, 1 UNREACHABLE``: the outcomes, counted, for a summary line."""
+        return ", ".join(f"{n} {status}" for status, n in sorted(self.counts().items()))
+
     def as_dict(self) -> Dict[str, Any]:
         return {
             "file": self.filename,

@@ -187,17 +187,17 @@ def rollout_notes(results: Sequence[DeviceResult]) -> str:
     sections = []
     if warnings:
         sections.append("Warnings from the agents' checks (they did not stop the push):\n" + "\n".join(
-            f"  {warning}: {_some(ids)}" for warning, ids in warnings.items()))
+            f"  {warning}: {some(ids)}" for warning, ids in warnings.items()))
     if removed:
         sections.append("Commands offered before that the new version drops (calls to them will get unknown_command):\n"
-                        + "\n".join(f"  {commands}: {_some(ids)}" for commands, ids in removed.items()))
+                        + "\n".join(f"  {commands}: {some(ids)}" for commands, ids in removed.items()))
     return "\n".join(sections)
 
 
-def _some(ids: Sequence[str], shown: int = 5) -> str:
-    """``a, b, c`` or ``a, b, c, d, e and 495 more``: names enough to act on, without a wall of ids."""
-    text = ", ".join(ids[:shown])
-    return f"{text} and {len(ids) - shown} more" if len(ids) > shown else text
+def some(items: Sequence[str], shown: int = 5) -> str:
+    """``a, b, c`` or ``a, b, c, d, e and 495 more``: names enough to act on, without a wall of them."""
+    text = ", ".join(items[:shown])
+    return f"{text} and {len(items) - shown} more" if len(items) > shown else text
 
 
 def reply_table(results: Sequence[DeviceResult], summarise=None) -> str:
