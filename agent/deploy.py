@@ -407,7 +407,7 @@ class Deployer:
         unrecorded.append(await self._recorded("writing the update log", self.store.append_log, _log_entry(
             action, name, version, live_version, backup=backup, restored_from=restored_from,
             commands=list(module.commands), reason=reason)))
-        report.warnings.extend(Issue("storage", f"the change was made, but {text}") for text in unrecorded if text)
+        report.warnings.extend(Issue("storage", text) for text in _made_anyway(unrecorded))
         log.info("%s %s: %s -> %s, %d command(s), backup %s", action, filename,
                  (live_version or "none")[:12], version[:12], len(module.commands), backup or "none")
         return self._reply(action, name, module, version, live_version, backup=backup, report=report,
@@ -480,7 +480,7 @@ class Deployer:
             "backup_created": backup,
             "removed_commands": sorted(previous.commands) if previous else [],
             "previous_version": old_version,
-            "warnings": [f"the change was made, but {text}" for text in unrecorded if text],
+            "warnings": _made_anyway(unrecorded),
         }
 
     # Probation
@@ -582,6 +582,11 @@ def _decode(name: str, source: bytes) -> str:
 
 def _os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
+
+
+def _made_anyway(unrecorded: List[Optional[str]]) -> List[str]:
+    """Warnings for the records ``_recorded`` could not write after a change that stands."""
+    return [f"the change was made, but {text}" for text in unrecorded if text]
 
 
 def _storage_failed(doing: str, exc: OSError, still: str = "the previous version is still live") -> StorageFailed:
