@@ -45,7 +45,8 @@ class Connection {
     this.connected = false;
     this.connecting = null;
     this.pending = new Map();
-    this.buffer = Buffer.alloc(0);
+    this.partial = []; // chunks of a line not yet whole
+    this.partialBytes = 0;
     this.lastError = null;
     this.reconnects = 0;
     this.attempt = 0;
@@ -92,7 +93,8 @@ class Connection {
     this.connected = true;
     this.lastError = null;
     this.attempt = 0;
-    this.buffer = Buffer.alloc(0);
+    this.partial = [];
+    this.partialBytes = 0;
     socket.on('data', (chunk) => this.onData(chunk));
     socket.on('error', (err) => { this.lastError = err.code || err.message; });
     socket.on('close', () => this.onClose());
@@ -102,15 +104,25 @@ class Connection {
 
   onData(chunk) {
     // Split on newline bytes before decoding, so a UTF-8 character split across chunks survives.
-    this.buffer = this.buffer.length ? Buffer.concat([this.buffer, chunk]) : chunk;
+    // Only the new chunk is searched, and the pieces of a line are joined once, when it is whole:
+    // a reply that arrives in a thousand chunks costs one pass, not a thousand growing copies.
+    let start = 0;
     let newline;
-    while ((newline = this.buffer.indexOf(10)) !== -1) {
-      const line = this.buffer.subarray(0, newline).toString('utf8').trim();
-      this.buffer = this.buffer.subarray(newline + 1);
+    while ((newline = chunk.indexOf(10, start)) !== -1) {
+      const end = chunk.subarray(start, newline);
+      const whole = this.partial.length ? Buffer.concat([...this.partial, end]) : end;
+      this.partial = [];
+      this.partialBytes = 0;
+      const line = whole.toString('utf8').trim();
       if (line) this.onLine(line);
+      start = newline + 1;
     }
-    if (this.buffer.length > this.options.maxLineBytes) {
-      this.drop('reply larger than the client limit');
+    if (start < chunk.length) {
+      this.partial.push(chunk.subarray(start));
+      this.partialBytes += chunk.length - start;
+    }
+    if (this.partialBytes > this.options.maxLineBytes) {
+      this.drop(`a reply longer than the client's limit of ${this.options.maxLineBytes} bytes (maxLineBytes)`);
     }
   }
 

@@ -148,6 +148,48 @@ test('a device that answers something other than JSON fails with protocol_error,
   assert.match(results.web.reason.message, /something other than pi-agent/);
 });
 
+test('replies split anywhere, even inside a UTF-8 character, or packed together, are read whole', async (t) => {
+  // A stand-in device that answers each request with a long reply, sent in small pieces, then two in one write.
+  const big = 'é'.repeat(300000); // 600,000 bytes of two-byte characters
+  const device = net.createServer((socket) => {
+    let received = '';
+    socket.on('data', async (data) => {
+      received += data.toString();
+      if (received.split('\n').length <= 3) return; // until all three requests are in
+      const ids = received.trim().split('\n').map((line) => JSON.parse(line).id);
+      const reply = Buffer.from(JSON.stringify({ id: ids[0], success: true, text: big }) + '\n');
+      for (let at = 0; at < reply.length; at += 4097) { // odd-sized pieces cut characters in half
+        socket.write(reply.subarray(at, at + 4097));
+        await new Promise((resolve) => setImmediate(resolve));
+      }
+      socket.write(ids.slice(1).map((id) => JSON.stringify({ id, success: true, text: 'short' }) + '\n').join(''));
+    });
+  });
+  device.listen(0, '127.0.0.1');
+  await once(device, 'listening');
+  const client = new PiFleetClient({ reconnect: false, heartbeatInterval: 0 });
+  t.after(() => { client.close(); device.close(); });
+  client.addRaspberryPi({ id: 'd', host: '127.0.0.1', port: device.address().port });
+  await client.connectToRaspberryPi('d');
+  const replies = await Promise.all([1, 2, 3].map(() => client.request('d', { command: 'x' })));
+  assert.equal(replies[0].text, big);
+  assert.deepEqual(replies.slice(1).map((r) => r.text), ['short', 'short']);
+});
+
+test('a reply longer than maxLineBytes fails with protocol_error, naming the limit', async (t) => {
+  const device = net.createServer((socket) => { socket.once('data', () => socket.write('{"id":1,"text":"' + 'x'.repeat(5000))); });
+  device.listen(0, '127.0.0.1');
+  await once(device, 'listening');
+  const client = new PiFleetClient({ reconnect: false, heartbeatInterval: 0, maxLineBytes: 1000 });
+  t.after(() => { client.close(); device.close(); });
+  client.addRaspberryPi({ id: 'd', host: '127.0.0.1', port: device.address().port });
+  await assert.rejects(client.request('d', { command: 'x' }), (err) => {
+    assert.equal(err.code, 'protocol_error');
+    assert.match(err.message, /longer than the client's limit of 1000 bytes/);
+    return true;
+  });
+});
+
 test('a connection that drops with a request unanswered rejects it with connection_lost', async (t) => {
   const hangUp = net.createServer((socket) => { socket.once('data', () => socket.end()); });
   hangUp.listen(0, '127.0.0.1');
