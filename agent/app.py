@@ -1,4 +1,4 @@
-"""The agent: wires the registry, dispatcher, deployer and server together.
+"""The agent: wires the registry, dispatcher, deploy pipeline and server together.
 
 This is the agent's core wiring, and it deliberately lives outside anything
 that can be reloaded: in the system the seed documents, reloading handlers
@@ -8,6 +8,7 @@ Here the only code that is ever replaced is a handler module's.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import platform
@@ -17,13 +18,20 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 from . import __version__
+from .activation import ActivationRecords, Quarantine
 from .config import AgentConfig
-from .deploy import Deployer
+from .deploy_commands import DeployCommands
 from .dispatch import Dispatcher
 from .errors import BadRequest
+from .isolation import ImportTester
+from .loader import Loader
+from .pipeline import DeployPipeline
+from .probation import Probation, ProbationRule
 from .protocol import Request
+from .recovery import Recovery
 from .registry import Registry
 from .server import AgentServer
+from .store import HandlerStore
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +42,28 @@ AGENT_WORK_THREADS = 4  # file I/O and module loading for built-ins, never share
 class Agent:
     """One agent: ``await start()``, serve until told to stop, ``await close()``."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, *, tester: Optional[ImportTester] = None) -> None:
+        """``tester``: an import tester to share (a bench running many agents in one process)."""
         self.config = config
         self.started_at = time.time()
         self._started_monotonic = time.monotonic()
         self.address: Optional[Tuple[str, int]] = None
         self._closed = False
+        # Set when stuck threads pass the limit under a supervisor: the agent should exit and be restarted.
+        self.restart_needed = asyncio.Event()
         self.registry = Registry()
         self.dispatcher = Dispatcher(
             self.registry,
             token=config.token,
             handler_timeout=config.handler_timeout,
             handler_threads=config.handler_threads,
+            on_stuck=self._check_stuck,
         )
         self._work_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=AGENT_WORK_THREADS, thread_name_prefix="agent-work"
         )
-        self.deployer = Deployer(config, self.registry, self._work_pool)
-        self.dispatcher.add_result_listener(self.deployer.probation.record)
+        self._build_deploy_side(config, tester)
+        self.dispatcher.add_result_listener(self.probation.record)
         self.server = AgentServer(
             self.dispatcher,
             max_connections=config.max_connections,
@@ -61,25 +73,46 @@ class Agent:
         )
         self._register_builtins()
 
+    def _build_deploy_side(self, config: AgentConfig, tester: Optional[ImportTester]) -> None:
+        state = config.root / ".state"
+        self.store = HandlerStore(config.root, keep_backups=config.keep_backups)
+        self.quarantine = Quarantine(state)
+        self.tester = tester or ImportTester(timeout=config.import_timeout, memory_mb=config.import_memory_mb,
+                                             agent_root=config.root, sandbox_user=config.sandbox_user,
+                                             hide=[config.token_file] if config.token_file else [])
+        self.loader = Loader(ActivationRecords(state), self._work_pool, on_stuck=self._check_stuck)
+        self.probation = Probation(
+            ProbationRule(config.probation_seconds, config.probation_calls, config.probation_failures),
+            on_failed=lambda watch: self.recovery.probation_failed(watch),
+        )
+        self.pipeline = DeployPipeline(config=config, registry=self.registry, store=self.store, tester=self.tester,
+                                       loader=self.loader, quarantine=self.quarantine, probation=self.probation,
+                                       work_pool=self._work_pool)
+        self.recovery = Recovery(self.pipeline, self.loader.records, self.quarantine)
+        self.deploy = DeployCommands(self.pipeline, self.recovery, self.quarantine, self.tester)
+
     def _register_builtins(self) -> None:
         d = self.dispatcher
         d.add_quick_builtin("ping", self.ping)
         d.add_quick_builtin("get_status", self.get_status)
         d.add_quick_builtin("list_commands", self.list_commands)
         d.add_quick_builtin("handler_stats", self.handler_stats)
-        d.add_builtin("reload_handler", self.deployer.reload_handler)
-        d.add_builtin("update_handler", self.deployer.update_handler)
-        d.add_builtin("rollback_handler", self.deployer.rollback_handler)
-        d.add_builtin("delete_handler", self.deployer.delete_handler)
-        d.add_builtin("list_backups", self.deployer.list_backups)
-        d.add_builtin("update_log", self.deployer.update_log)
+        d.add_builtin("reload_handler", self.deploy.reload_handler)
+        d.add_builtin("update_handler", self.deploy.update_handler)
+        d.add_builtin("rollback_handler", self.deploy.rollback_handler)
+        d.add_builtin("delete_handler", self.deploy.delete_handler)
+        d.add_builtin("list_backups", self.deploy.list_backups)
+        d.add_builtin("update_log", self.deploy.update_log)
         self.registry.reserve(d.builtin_names)
 
     # Lifecycle
 
     async def start(self) -> Tuple[str, int]:
-        """Create the folders, load the handlers, then start listening."""
-        await self.deployer.start()
+        """Probe the import test's box, recover and load the handlers, then start listening."""
+        if self.tester.isolation is None:
+            probe = await self.pipeline.probe_box()
+            log.info("import test box: %s", describe_isolation(probe.isolation) if probe.isolation else probe.error)
+        await self.recovery.start()
         self.address = await self.server.start(self.config.host, self.config.port)
         log.info(
             "agent %s listening on %s:%d with %d handler module(s), %d failed",
@@ -94,7 +127,9 @@ class Agent:
             return
         self._closed = True
         await self.server.close(self.config.shutdown_grace)
-        await self.deployer.close()
+        self.recovery.close()
+        self.pipeline.close()
+        await asyncio.get_running_loop().run_in_executor(self._work_pool, self.tester.close)
         self.dispatcher.close()
         self._work_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -121,9 +156,32 @@ class Agent:
             "handler_threads": self.dispatcher.handler_threads,
             "stuck_handler_calls": self.dispatcher.stuck_calls,
             "stuck_handler_calls_total": self.dispatcher.stuck_total,
+            "stuck_threads": self._stuck_threads(),
             "disk": self._disk(),
-            **self.deployer.status(),
+            **self.deploy.status(),
         }
+
+    def _stuck_threads(self) -> Dict[str, Any]:
+        handler_calls, loads = self.dispatcher.stuck_calls, self.loader.stuck
+        return {"handler_calls": handler_calls, "loads": loads, "limit": self.config.max_stuck_threads,
+                "over_limit": handler_calls + loads > self.config.max_stuck_threads}
+
+    def _check_stuck(self) -> None:
+        """Called when a thread gets stuck. Past the limit, under a supervisor, ask for a clean restart.
+
+        A stuck thread cannot be stopped in Python; a restart frees them all,
+        and any load that was stuck is quarantined by the activation record.
+        """
+        stuck = self._stuck_threads()
+        if not stuck["over_limit"]:
+            return
+        total = stuck["handler_calls"] + stuck["loads"]
+        if not self.config.supervised:
+            log.error("%d threads are stuck (limit %d); restart the agent to free them", total, stuck["limit"])
+            return
+        log.error("%d threads are stuck (limit %d): exiting so that the supervisor restarts the agent clean",
+                  total, stuck["limit"])
+        self.restart_needed.set()
 
     def _disk(self) -> Optional[Dict[str, int]]:
         """Space on the storage that holds the handlers: a full card is what makes deploys fail."""
@@ -151,3 +209,10 @@ class Agent:
             stats = {k: v for k, v in stats.items() if k == command.lower()}
         return {"type": "handler_stats", "stats": {k: v.as_dict() for k, v in sorted(stats.items())}}
 
+
+
+def describe_isolation(isolation: Dict[str, Any]) -> str:
+    """One line for the log: which of the box's protections hold here, and why the others do not."""
+    active = ", ".join(sorted(isolation.get("active", {})))
+    missing = "; ".join(f"{name} ({why})" for name, why in sorted(isolation.get("missing", {}).items()))
+    return f"active: {active or 'none'}; missing: {missing or 'none'}"

@@ -24,15 +24,18 @@ from .config import (
     DEFAULT_IMPORT_TIMEOUT,
     DEFAULT_KEEP_BACKUPS,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_STUCK_THREADS,
     DEFAULT_PORT,
     DEFAULT_PROBATION_CALLS,
     DEFAULT_PROBATION_FAILURES,
     DEFAULT_PROBATION_SECONDS,
+    DEFAULT_SANDBOX_USER,
     DEFAULT_SHUTDOWN_GRACE,
     TOKEN_ENV,
     AgentConfig,
     ConfigError,
     read_token,
+    take_token_from_environment,
 )
 from .protocol import DEFAULT_MAX_LINE_BYTES
 
@@ -40,6 +43,7 @@ log = logging.getLogger("agent")
 
 # Timeouts
 STUCK_THREAD_GRACE = 1.0  # seconds for idle worker threads to finish at exit
+EXIT_RESTART = 75  # EX_TEMPFAIL: stuck threads passed the limit under a supervisor; restart me
 LISTENING = "listening on"  # in the line printed once connections are accepted: see listening_address
 
 
@@ -66,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--token-file", help="file whose first line is the shared secret every request must carry")
     net.add_argument("--insecure", action="store_true",
                      help="allow listening beyond loopback without a token (anyone who can connect can push code)")
+    safety = parser.add_argument_group("safety")
+    safety.add_argument("--sandbox-user", default=DEFAULT_SANDBOX_USER,
+                        help="when the agent runs as root, the import test of pushed code runs as this user "
+                             f"(default {DEFAULT_SANDBOX_USER})")
+    safety.add_argument("--supervised", action="store_true",
+                        help="a supervisor (systemd) restarts the agent: exit with status "
+                             f"{EXIT_RESTART} when stuck threads pass --max-stuck-threads, to restart clean")
     timeouts = parser.add_argument_group("timeouts (seconds)")
     timeouts.add_argument("--handler-timeout", type=float, default=DEFAULT_HANDLER_TIMEOUT,
                           help=f"time limit of one handler call; a request's 'timeout' may lower it (default {DEFAULT_HANDLER_TIMEOUT:g})")
@@ -87,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"address-space limit of the import test process (default {DEFAULT_IMPORT_MEMORY_MB})")
     limits.add_argument("--keep-backups", type=int, default=DEFAULT_KEEP_BACKUPS,
                         help=f"backups kept per handler file (default {DEFAULT_KEEP_BACKUPS})")
+    limits.add_argument("--max-stuck-threads", type=int, default=DEFAULT_MAX_STUCK_THREADS,
+                        help="handler calls and module loads still running past their time limits before "
+                             f"get_status says so (and --supervised exits) (default {DEFAULT_MAX_STUCK_THREADS})")
     probation = parser.add_argument_group("probation after a deploy")
     probation.add_argument("--probation-seconds", type=float, default=DEFAULT_PROBATION_SECONDS,
                            help=f"how long a new module is watched (default {DEFAULT_PROBATION_SECONDS:g})")
@@ -105,7 +119,11 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         host=args.host,
         port=args.port,
         token=read_token(args.token_file),
+        token_file=Path(args.token_file).resolve() if args.token_file else None,
         insecure=args.insecure,
+        sandbox_user=args.sandbox_user,
+        supervised=args.supervised,
+        max_stuck_threads=args.max_stuck_threads,
         handler_timeout=args.handler_timeout,
         import_timeout=args.import_timeout,
         idle_timeout=args.idle_timeout,
@@ -132,8 +150,8 @@ def listening_address(line: str) -> Optional[Tuple[str, int]]:
     return host, int(port)
 
 
-async def serve(config: AgentConfig) -> None:
-    """Run an agent until SIGTERM or SIGINT, then shut it down cleanly."""
+async def serve(config: AgentConfig) -> int:
+    """Run an agent until SIGTERM or SIGINT (exit status 0), or until it needs a restart (75)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -142,10 +160,14 @@ async def serve(config: AgentConfig) -> None:
     try:
         host, port = await agent.start()
         print(f"pi-agent {__version__} {LISTENING} {host}:{port} (root {config.root})", flush=True)
-        await stop.wait()
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(agent.restart_needed.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for waiting in waits:
+            waiting.cancel()
         log.info("stopping")
     finally:
         await agent.close()
+    return EXIT_RESTART if agent.restart_needed.is_set() else 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -157,8 +179,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"pi-agent: {exc}", file=sys.stderr)
         return 2
+    take_token_from_environment()
     try:
-        asyncio.run(serve(config))
+        status = asyncio.run(serve(config))
     except OSError as exc:
         if exc.filename is not None:  # a file or folder under --root, not the socket
             print(f"pi-agent: cannot use --root {config.root}: {exc.strerror or exc}: {exc.filename} "
@@ -171,11 +194,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             hint = " (ports below 1024 need privileges: pick a --port of 1024 or more)"
         print(f"pi-agent: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}{hint}", file=sys.stderr)
         return 1
-    _exit_past_stuck_threads()
-    return 0
+    _exit_past_stuck_threads(status)
+    return status
 
 
-def _exit_past_stuck_threads() -> None:
+def _exit_past_stuck_threads(status: int) -> None:
     """Python joins worker threads at exit; a handler stuck in one would keep the process alive.
 
     Everything is closed by now, so exit without waiting for them (that is
@@ -192,4 +215,4 @@ def _exit_past_stuck_threads() -> None:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(status)

@@ -28,6 +28,8 @@ DEFAULT_HANDLER_THREADS = 16
 DEFAULT_MAX_PIPELINED = 64  # requests in flight on one connection before it stops reading
 DEFAULT_IMPORT_MEMORY_MB = 512
 DEFAULT_KEEP_BACKUPS = 20
+DEFAULT_MAX_STUCK_THREADS = 8  # handler calls and loads still running past their time limits
+DEFAULT_SANDBOX_USER = "nobody"
 # Probation after a deploy
 DEFAULT_PROBATION_SECONDS = 600.0
 DEFAULT_PROBATION_CALLS = 50
@@ -44,7 +46,10 @@ class AgentConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     token: Optional[str] = None
+    token_file: Optional[Path] = None  # hidden from the import test's box
     insecure: bool = False
+    sandbox_user: str = DEFAULT_SANDBOX_USER  # the import test runs as this user when the agent is root
+    supervised: bool = False  # a supervisor restarts the agent: exit when stuck threads pass the limit
     # Timeouts
     handler_timeout: float = DEFAULT_HANDLER_TIMEOUT
     import_timeout: float = DEFAULT_IMPORT_TIMEOUT
@@ -57,6 +62,7 @@ class AgentConfig:
     handler_threads: int = DEFAULT_HANDLER_THREADS
     import_memory_mb: int = DEFAULT_IMPORT_MEMORY_MB
     keep_backups: int = DEFAULT_KEEP_BACKUPS
+    max_stuck_threads: int = DEFAULT_MAX_STUCK_THREADS
     # Probation
     probation_seconds: float = DEFAULT_PROBATION_SECONDS
     probation_calls: int = DEFAULT_PROBATION_CALLS
@@ -75,7 +81,7 @@ class AgentConfig:
             raise ConfigError(f"idle_timeout must be positive or unset, got {self.idle_timeout}")
         for name in (
             "max_line_bytes", "max_connections", "max_pipelined", "handler_threads",
-            "import_memory_mb", "keep_backups", "probation_calls", "probation_failures",
+            "import_memory_mb", "keep_backups", "probation_calls", "probation_failures", "max_stuck_threads",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -109,3 +115,12 @@ def read_token(token_file: Optional[str], environ: Optional[Mapping[str, str]] =
         return token
     from_env = env.get(TOKEN_ENV)
     return from_env if from_env else None
+
+
+def take_token_from_environment() -> None:
+    """Remove the token from the agent's environment, so handlers and what they start never see it.
+
+    ``/proc/PID/environ`` still shows the environment the process started
+    with; only a token file keeps the token out of there.
+    """
+    os.environ.pop(TOKEN_ENV, None)

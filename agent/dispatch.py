@@ -82,8 +82,10 @@ class Dispatcher:
         token: Optional[str],
         handler_timeout: float,
         handler_threads: int,
+        on_stuck: Optional[Callable[[], None]] = None,
     ) -> None:
         self.registry = registry
+        self._on_stuck = on_stuck  # told each time a call passes its limit and keeps its thread
         self._token = token.encode("utf-8") if token else None
         self.handler_timeout = handler_timeout
         self.handler_threads = handler_threads
@@ -228,6 +230,8 @@ class Dispatcher:
                 self.stuck_calls += 1
                 self.stuck_total += 1
                 future.add_done_callback(lambda _f: _call_soon(loop, self._unstick))
+                if self._on_stuck is not None:
+                    self._on_stuck()
             raise
 
     def _unstick(self) -> None:

@@ -18,6 +18,8 @@ the message becomes ``error`` and should be a sentence a person can act on.
     +-- ChecksumMismatch    checksum_mismatch pushed code does not hash to the given sha256
     +-- ImportFailed        import_failed     pushed code failed its import test
     +-- LoadFailed          load_failed       a module could not be loaded live
+    +-- Quarantined         quarantined       this version killed or hung the agent when loaded; push
+    |                                         it with force to try again
     +-- StorageFailed       storage_error     the device could not write a file (disk full,
     |                                         read-only SD card)
     +-- ShuttingDown        shutting_down     the agent is stopping; the request did not run, or
@@ -96,6 +98,10 @@ class ImportFailed(AgentError):
 
 class LoadFailed(AgentError):
     code = "load_failed"
+
+
+class Quarantined(AgentError):
+    code = "quarantined"
 
 
 class StorageFailed(AgentError):

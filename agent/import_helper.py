@@ -1,31 +1,37 @@
-"""The import-test helper: a warm, single-threaded process that forks one child per test.
+"""The import-test helper: a warm, single-threaded process that forks a boxed child per test.
 
-The agent starts this file as its own program (``python -I import_helper.py``),
-never as a fork of itself: the agent has threads, and forking a threaded
-process is unsafe. This helper has exactly one thread, so *it* may fork, and
-a fork costs about a millisecond where starting a fresh interpreter costs
-tens. The helper stays idle between deploys and exits by itself after a
-while without work; the agent starts a new one when it needs it.
+The agent starts this file as its own program (``python -I import_helper.py``)
+with a clean environment, never as a fork of itself: the agent has threads,
+and forking a threaded process is unsafe. This helper has exactly one thread,
+so *it* may fork, and a fork costs about a millisecond where starting a fresh
+interpreter costs tens. The helper stays idle between deploys and exits by
+itself after a while without work; the agent starts a new one when it needs it.
 
-Each test runs in a fresh child with resource limits (address space, CPU
-time, file size, no core dumps), its own session (so anything it spawns can
-be killed with it), and stdin/stdout/stderr on /dev/null. The child compiles
-and runs the exact source it was sent, checks the module's command table with
-the same rules the agent uses (``handler_table.py``, loaded by path), runs a
-module-level ``self_test()`` if there is one, and writes one JSON result to a
-pipe. The helper enforces the time limit and reports how the child ended:
-finished, raised, called ``sys.exit``, exited without reporting (``os._exit``),
-was killed by a signal (a segfault), or ran out of time.
+Each test runs in the box (``box.py``, loaded by path): its own namespaces,
+a read-only filesystem, an unprivileged user, no network, resource limits
+(address space, CPU time, file size, no core dumps), stdin/stdout/stderr on
+/dev/null, and its whole process tree killed at the end. The module's process
+compiles and runs the exact text it was sent, checks the module's command
+table with the same rules the agent uses (``handler_table.py``, loaded by
+path), runs a module-level ``self_test()`` if there is one, and writes one
+JSON result to a pipe. How that process ended comes from the box's init
+process on a second pipe the module never holds, so the module cannot forge
+it: finished, raised, called ``sys.exit``, exited without reporting
+(``os._exit``), was killed by a signal (a segfault), or ran out of time.
 
 Protocol on stdin/stdout, one JSON object per line:
-    first line  {"sys_path": [...], "handler_table": "/path/handler_table.py", "idle_exit": 300}
+    first line  {"sys_path": [...], "handler_table": "...", "box": "...", "idle_exit": 300,
+                 "agent_root": "/var/lib/pi-agent", "user": "nobody", "hide": ["/etc/pi-agent/token"]}
     request     {"name": "cam", "path": "handlers/cam.py", "source": "...", "timeout": 10, "memory_mb": 512}
-    reply       {"ok": true, "commands": [...], "warnings": [...]}
-                {"ok": false, "kind": "timeout|exit|crash|exception|table|self_test|memory", "error": "..."}
+                {"probe": true, "timeout": 10, "memory_mb": 512}  (set up the box, run nothing)
+    reply       {"ok": true, "commands": [...], "warnings": [...], "isolation": {...}}
+                {"ok": false, "kind": "timeout|exit|crash|exception|table|self_test|memory|box",
+                 "error": "...", "isolation": {...}}
 
 Standard library only; runs on Python 3.9+.
 """
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -42,15 +48,17 @@ WARM_MODULES = (
     "asyncio", "datetime", "json", "logging", "pathlib", "re", "shutil",
     "signal", "socket", "subprocess", "threading", "time",
 )
+BOX_FAILED = 71  # exit status of a box process that could not set itself up
 
 
 def main():
     lines = _LineInput(sys.stdin.fileno())
     config = json.loads(lines.next_line(None))
     sys.path[:] = config["sys_path"]
-    spec = importlib.util.spec_from_file_location("_pi_agent_handler_table", config["handler_table"])
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = _load_by_path("_pi_agent_handler_table", config["handler_table"])
+    box_module = _load_by_path("_pi_agent_box", config["box"])
+    box = box_module.Box(agent_root=config["agent_root"], user=config["user"], hide=config["hide"],
+                         sys_path=config["sys_path"])
     for name in WARM_MODULES:
         try:
             __import__(name)
@@ -61,9 +69,16 @@ def main():
         line = lines.next_line(idle_exit)
         if not line:
             return 0  # the agent closed the pipe, or we were idle: it starts a new helper when needed
-        reply = run_test(json.loads(line), table)
+        reply = run_test(json.loads(line), table, box)
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
+
+
+def _load_by_path(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class _LineInput:
@@ -91,62 +106,134 @@ class _LineInput:
         return line
 
 
-def run_test(request, table):
+def run_test(request, table, box):
+    """Run one test in the box; kill everything it left; return its reply."""
     timeout = float(request["timeout"])
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns
-        try:
-            os.close(read_fd)
-            _child(request, table, write_fd)
-        finally:
-            os._exit(70)
-    os.close(write_fd)
-    deadline = time.monotonic() + timeout
-    chunks = []
-    timed_out = False
+    result_r, result_w = os.pipe()
+    status_r, status_w = os.pipe()
+    scratch = box.new_scratch()
+    outer = os.fork()
+    if outer == 0:  # never returns
+        with _box_process():
+            os.close(result_r)
+            os.close(status_r)
+            _outer(request, table, box, scratch, result_w, status_w)
+    os.close(result_w)
+    os.close(status_w)
     try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out = True
-                break
-            ready, _, _ = select.select([read_fd], [], [], remaining)
-            if ready:
-                data = os.read(read_fd, 65536)
-                if not data:
-                    break
-                chunks.append(data)
+        output, status = _collect(result_r, status_r, time.monotonic() + timeout)
     finally:
-        os.close(read_fd)
-    status = None if timed_out else _wait(pid, deadline)
+        os.close(result_r)
+        os.close(status_r)
+        _kill_group(outer)
+        box.kill_descendants()
+        box.discard(scratch)
+    return _verdict(request, output, status)
+
+
+@contextlib.contextmanager
+def _box_process():
+    """Run a forked box process: it never returns, and a failure to set up goes to the agent's log."""
+    try:
+        yield
+    except BaseException:  # noqa: BLE001 - the box's own code failed; the module has not run
+        traceback.print_exc()
+        sys.stderr.flush()
+    finally:
+        os._exit(BOX_FAILED)
+
+
+def _outer(request, table, box, scratch, result_w, status_w):
+    spaces = box.outer()
+    init = os.fork()  # PID 1 of the new PID namespace, where there is one
+    if init == 0:
+        with _box_process():
+            _init(request, table, box, spaces, scratch, result_w, status_w)
+    os.close(result_w)
+    os.close(status_w)
+    os.waitpid(init, 0)
+    os._exit(0)
+
+
+def _init(request, table, box, spaces, scratch, result_w, status_w):
+    home, active, missing = box.setup(spaces, scratch)
+    child = os.fork()
+    if child == 0:
+        with _box_process():
+            os.close(status_w)
+            _child(request, table, box.enter(spaces, home, active, missing), result_w)
+    os.close(result_w)
+    _, status = os.waitpid(child, 0)
+    os.write(status_w, f"{status}\n".encode())
+    os._exit(0)
+
+
+def _collect(result_r, status_r, deadline):
+    """The module's output and its wait status (None if it ran out of time)."""
+    chunks, status_bytes = [], b""
+    open_fds = [result_r, status_r]
+    while status_r in open_fds:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return b"".join(chunks), None
+        ready, _, _ = select.select(open_fds, [], [], remaining)
+        for fd in ready:
+            data = os.read(fd, 65536)
+            if not data:
+                open_fds.remove(fd)
+            elif fd == result_r:
+                chunks.append(data)
+            else:
+                status_bytes += data
+    while True:  # what the module wrote before it ended is in the pipe already
+        ready, _, _ = select.select([result_r], [], [], 0)
+        data = os.read(result_r, 65536) if ready else b""
+        if not data:
+            break
+        chunks.append(data)
+    try:
+        return b"".join(chunks), int(status_bytes)
+    except ValueError:  # the box's init process died before reporting
+        return b"".join(chunks), -1
+
+
+def _verdict(request, output, status):
+    lines = output.split(b"\n")
+    isolation = _json_line(lines[0]) if lines else None
+    reply = _json_line(lines[1]) if len(lines) > 1 else None
+    if not isinstance(isolation, dict) or "box" not in isolation:
+        isolation, reply = None, None
+    result = _judge(request, reply, status)
+    result["isolation"] = isolation["box"] if isolation else None
+    return result
+
+
+def _judge(request, reply, status):
+    timeout = float(request["timeout"])
     if status is None:
-        _kill_group(pid)
         return _failure("timeout", f"import did not finish within {timeout:g} s "
                                    "(the module blocks at import or in self_test())")
+    if status == -1:
+        return _failure("box", "the box the import test runs in failed before the test ended")
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
         name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
-        _kill_group(pid)  # anything it started goes with it
-        return _failure("crash", f"the import test process was killed by signal {name} (the module crashed the interpreter)")
-    _kill_group(pid)
+        return _failure("crash", f"the import test process was killed by signal {name} "
+                                 "(the module crashed the interpreter or killed itself)")
+    code = os.WEXITSTATUS(status)
+    if isinstance(reply, dict) and code == 0:
+        return reply
+    if code == BOX_FAILED and reply is None:
+        return _failure("box", "the box the import test runs in could not be set up (the agent's log may say why)")
+    return _failure("exit", f"the module ended the import test process with exit status {code} "
+                            "before the import finished (os._exit or similar)")
+
+
+def _json_line(line):
     try:
-        return json.loads(b"".join(chunks).decode("utf-8"))
+        return json.loads(line)
     except ValueError:
-        code = os.WEXITSTATUS(status)
-        return _failure("exit", f"the module ended the import test process with exit status {code} "
-                                "before the import finished (os._exit or similar)")
-
-
-def _wait(pid, deadline):
-    """waitpid with a deadline; None if the child is still running at the deadline."""
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(0.002)
+        return None
 
 
 def _kill_group(pid):
@@ -164,20 +251,22 @@ def _failure(kind, error):
     return {"ok": False, "kind": kind, "error": error}
 
 
-def _child(request, table, write_fd):
-    os.setsid()
+def _child(request, table, isolation, write_fd):
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     _limit_resources(request)
-    result = _import_and_test(request, table)
-    payload = json.dumps(result).encode("utf-8")
-    view = memoryview(payload)
-    while view:
-        written = os.write(write_fd, view)
-        view = view[written:]
-    os.close(write_fd)
+    _write_all(write_fd, json.dumps({"box": isolation}) + "\n")
+    result = {"ok": True} if request.get("probe") else _import_and_test(request, table)
+    _write_all(write_fd, json.dumps(result) + "\n")
     os._exit(0)
+
+
+def _write_all(fd, text):
+    view = memoryview(text.encode("utf-8"))
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 def _limit_resources(request):

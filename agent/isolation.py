@@ -1,12 +1,13 @@
-"""Import tests in a separate process: the agent's side of ``import_helper.py``.
+"""Import tests in a box: the agent's side of ``import_helper.py``.
 
 New code is never imported into the agent's own process before it has been
 imported, and its runtime test run, in a child process that can hang, exit,
 crash or exhaust its memory without touching the agent. (The system the seed
 documents imported new code in-process: ``sys.exit`` left a file that stopped
-every restart and ``os._exit`` killed the agent outright.)
+every restart and ``os._exit`` killed the agent outright.) The child runs in
+the box ``box.py`` describes: what it could do to the device is bounded too.
 
-``ImportTester.test`` blocks; the deployer calls it from a worker thread.
+``ImportTester.test`` blocks; the pipeline calls it from a thread of its own.
 Tests are serialised through one helper, which is started on first use and
 exits by itself when idle, so an agent that is not deploying carries no
 second process.
@@ -24,12 +25,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
 HELPER = Path(__file__).with_name("import_helper.py")
 HANDLER_TABLE = Path(__file__).with_name("handler_table.py")
+BOX = Path(__file__).with_name("box.py")
+# The helper's whole environment: nothing of the agent's (its token above all) reaches the box.
+HELPER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 # Timeouts
 HELPER_IDLE_EXIT = 300.0  # seconds without a test before the helper exits
 HELPER_GRACE = 5.0  # beyond a test's own time limit, before the helper itself is presumed stuck
@@ -42,15 +46,18 @@ class ImportResult:
     kind: str = ""
     error: str = ""
     warnings: List[str] = field(default_factory=list)
+    isolation: Optional[Dict[str, Any]] = None  # the box's report: which protections held
 
     @classmethod
     def from_reply(cls, reply: Dict[str, Any]) -> "ImportResult":
+        isolation = reply.get("isolation")
         return cls(
             ok=bool(reply.get("ok")),
             commands=list(reply.get("commands") or []),
             kind=str(reply.get("kind") or ""),
             error=str(reply.get("error") or ""),
             warnings=list(reply.get("warnings") or []),
+            isolation=isolation if isinstance(isolation, dict) else None,
         )
 
 
@@ -59,13 +66,26 @@ class HelperFailed(RuntimeError):
 
 
 class ImportTester:
-    def __init__(self, *, timeout: float, memory_mb: int, idle_exit: float = HELPER_IDLE_EXIT) -> None:
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        memory_mb: int,
+        agent_root: Path,
+        sandbox_user: str,
+        hide: Sequence[str] = (),
+        idle_exit: float = HELPER_IDLE_EXIT,
+    ) -> None:
         self.timeout = timeout
         self.memory_mb = memory_mb
+        self.agent_root = agent_root
+        self.sandbox_user = sandbox_user
+        self.hide = [str(path) for path in hide]
         self.idle_exit = idle_exit
         self._lock = threading.Lock()
         self._proc: Optional[subprocess.Popen] = None
         self._buffer = b""
+        self.isolation: Optional[Dict[str, Any]] = None  # from the latest test or probe
 
     @property
     def helper_pid(self) -> Optional[int]:
@@ -73,19 +93,23 @@ class ImportTester:
         return proc.pid if proc is not None and proc.poll() is None else None
 
     def test(self, name: str, source: str) -> ImportResult:
-        """Import ``source`` as handler module ``name`` in a child process and run its runtime test."""
-        request = {
-            "name": name,
-            "path": f"handlers/{name}.py",
-            "source": source,
-            "timeout": self.timeout,
-            "memory_mb": self.memory_mb,
-        }
+        """Import ``source`` as handler module ``name`` in the box and run its runtime test."""
+        return self._run({"name": name, "path": f"handlers/{name}.py", "source": source})
+
+    def probe(self) -> ImportResult:
+        """Set the box up with nothing in it: which protections hold here (``isolation``)."""
+        return self._run({"probe": True})
+
+    def _run(self, request: Dict[str, Any]) -> ImportResult:
+        request.update(timeout=self.timeout, memory_mb=self.memory_mb)
         with self._lock:
             problem = ""
             for attempt in (1, 2):
                 try:
-                    return ImportResult.from_reply(self._ask(request))
+                    result = ImportResult.from_reply(self._ask(request))
+                    if result.isolation is not None:
+                        self.isolation = result.isolation
+                    return result
                 except HelperFailed as exc:
                     # One retry: the helper may have exited for idleness just as we wrote.
                     problem = str(exc)
@@ -115,9 +139,12 @@ class ImportTester:
             stderr=None,  # the helper's own tracebacks belong in the agent's log
             close_fds=True,
             start_new_session=True,  # Ctrl-C in a terminal goes to the agent, not to the helper
+            env=HELPER_ENV,
+            cwd="/",
         )
-        config = {"sys_path": [p for p in sys.path if p], "handler_table": str(HANDLER_TABLE),
-                  "idle_exit": self.idle_exit}
+        config = {"sys_path": [os.path.abspath(p) for p in sys.path if p], "handler_table": str(HANDLER_TABLE),
+                  "box": str(BOX), "idle_exit": self.idle_exit, "agent_root": str(self.agent_root),
+                  "user": self.sandbox_user, "hide": self.hide}
         assert proc.stdin is not None
         proc.stdin.write((json.dumps(config) + "\n").encode("utf-8"))
         proc.stdin.flush()

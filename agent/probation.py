@@ -4,7 +4,7 @@ For a while after a deploy (by default 10 minutes or 50 calls, whichever ends
 first) every call to the new module's handlers is counted. If enough of them
 *fail* (raise, time out, return something that is not a JSON object; a
 handler that answers ``success: false`` has not failed), the watch fires and
-the deployer rolls the module back to what ran before, without anyone having
+recovery rolls the module back to what ran before, without anyone having
 to send ``rollback_handler``. That is the seed's "bug that only shows up at
 runtime", caught on the device.
 

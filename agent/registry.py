@@ -65,8 +65,12 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def compile_module(name: str, source: bytes, path: str) -> LoadedModule:
-    """Execute ``source`` as a new module object and collect its command table.
+def compile_module(name: str, text: str, version: str, path: str) -> LoadedModule:
+    """Execute ``text`` as a new module object and collect its command table.
+
+    ``text`` is the source decoded once by ``source.decode_source``, the same
+    text the checks and the import test saw; ``version`` is the sha256 of its
+    bytes.
 
     Raises ``LoadFailed`` with a one-line reason; the caller decides whether
     that reason goes to the log, to ``get_status`` or into a reply. The module
@@ -80,7 +84,7 @@ def compile_module(name: str, source: bytes, path: str) -> LoadedModule:
     before = sys.modules.get(qualname)
     sys.modules[qualname] = module
     try:
-        code = compile(source, path, "exec", dont_inherit=True)
+        code = compile(text, path, "exec", dont_inherit=True)
         exec(code, module.__dict__)
         commands = collect_commands(module)
     except TableError as exc:
@@ -94,7 +98,7 @@ def compile_module(name: str, source: bytes, path: str) -> LoadedModule:
             sys.modules.pop(qualname, None)
         else:
             sys.modules[qualname] = before
-    return LoadedModule(name=name, module=module, sha256=sha256_hex(source), commands=commands)
+    return LoadedModule(name=name, module=module, sha256=version, commands=commands)
 
 
 class Registry:

@@ -12,7 +12,7 @@ crash at any moment leaves the old file or the new one, never part of one.
 which truncates first; a kill mid-write left an empty handler.) Backup names
 get a ``_n`` suffix instead of overwriting each other within one second.
 
-All methods block on disk I/O; the deployer calls them from a worker thread.
+All methods block on disk I/O; the pipeline calls them from a worker thread.
 """
 
 from __future__ import annotations

@@ -24,10 +24,9 @@ from agent.config import AgentConfig
 
 
 async def serve(count: int, base: Path) -> None:
-    agents = [Agent(AgentConfig(root=base / f"agent{i:04d}", port=0, probation_seconds=60)) for i in range(count)]
-    shared = agents[0].deployer.tester
-    for agent in agents[1:]:
-        agent.deployer.tester = shared
+    first = Agent(AgentConfig(root=base / "agent0000", port=0, probation_seconds=60))
+    agents = [first] + [Agent(AgentConfig(root=base / f"agent{i:04d}", port=0, probation_seconds=60), tester=first.tester)
+                        for i in range(1, count)]
     ports = []
     for agent in agents:
         _, port = await agent.start()

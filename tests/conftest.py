@@ -11,9 +11,11 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -25,6 +27,7 @@ from agent.config import AgentConfig
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FLAGS = Path(__file__).resolve().parent / ".flags"
 SCRIPTED = Path(__file__).resolve().parent / "scripted_handlers"
 REPLY_TIMEOUT = 20.0  # a bound on every wait, so a broken agent fails a test instead of hanging it
 
@@ -50,7 +53,10 @@ def sha(text: str) -> str:
 
 
 def waits_for(flag: Path) -> str:
-    """Module code that blocks its import (the push's import test) until ``flag`` exists: a push held mid-way."""
+    """Module code that blocks its import (the push's import test) until ``flag`` exists: a push held mid-way.
+
+    ``flag`` must be in ``flag_dir``: the import test's box has its own /tmp.
+    """
     return f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n    time.sleep(0.01)\n"
 
 
@@ -101,6 +107,20 @@ class Client:
             await self.writer.wait_closed()
         except (ConnectionError, OSError):
             pass
+
+
+@pytest.fixture
+def flag_dir():
+    """A folder the import test's box can see (read-only): outside /tmp, readable by the sandbox user.
+
+    Tests hold a push mid-way with a module that waits for a file to appear;
+    the box gives the module a fresh /tmp, so such files cannot live in tmp_path.
+    """
+    FLAGS.mkdir(exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=FLAGS))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ async def test_seed_camera_handler_deploys_with_the_seed_reply(start_agent, conn
     assert reply["version"] == sha(SEED_STEP1)
     assert reply["validation"]["warnings"] == []
     assert isinstance(reply["timestamp"], float)
-    assert (agent.deployer.store.handlers_dir / "camera_handlers.py").read_text() == SEED_STEP1
+    assert (agent.store.handlers_dir / "camera_handlers.py").read_text() == SEED_STEP1
     status = await client.call("camera_status")
     assert status["success"] is True and status["recording"] is False
 
@@ -65,8 +65,8 @@ async def test_seed_bad_code_is_refused_with_the_seed_error_and_the_old_handler_
     assert details["valid"] is False
     assert details["errors"][0].startswith("Dangerous pattern detected: os.system(")
     assert "(line 4)" in details["errors"][0]
-    assert (agent.deployer.store.handlers_dir / "camera_handlers.py").read_text() == SEED_STEP1
-    assert list(agent.deployer.store.backups_dir.iterdir()) == []
+    assert (agent.store.handlers_dir / "camera_handlers.py").read_text() == SEED_STEP1
+    assert list(agent.store.backups_dir.iterdir()) == []
     assert (await client.call("camera_status"))["success"] is True
 
 
@@ -121,7 +121,7 @@ async def test_every_dangerous_form_is_refused(start_agent, connect, source):
     assert reply["success"] is False and reply["code"] == "validation_failed", reply
     assert reply["error"].startswith("Code validation failed: Dangerous pattern detected: ")
     assert all("(line " in e for e in reply["validation_details"]["errors"])
-    assert not (agent.deployer.store.handlers_dir / "risky.py").exists()
+    assert not (agent.store.handlers_dir / "risky.py").exists()
 
 
 def test_every_reason_is_listed_not_only_the_first():
@@ -169,7 +169,7 @@ async def test_bad_filenames_are_refused_and_nothing_is_written(start_agent, con
     reply = await client.call("update_handler", filename=filename, code="def handle_x(d):\n    return {}\n")
     assert reply["success"] is False and reply["code"] == "bad_request", reply
     assert "filename" in reply["error"]
-    assert list(agent.deployer.store.handlers_dir.iterdir()) == []
+    assert list(agent.store.handlers_dir.iterdir()) == []
     assert not (agent.config.root / "main.py").exists()
 
 
@@ -177,7 +177,7 @@ async def test_a_symlinked_handler_file_is_refused(start_agent, connect, tmp_pat
     agent = await start_agent()
     outside = tmp_path / "outside.py"
     outside.write_text("ORIGINAL = True\n")
-    (agent.deployer.store.handlers_dir / "linked.py").symlink_to(outside)
+    (agent.store.handlers_dir / "linked.py").symlink_to(outside)
     client = await connect(agent)
     reply = await deploy(client, "linked.py", "def handle_x(d):\n    return {}\n")
     assert reply["code"] == "bad_request" and "symbolic link" in reply["error"]
@@ -236,7 +236,7 @@ async def test_imports_that_hang_exit_or_crash_are_refused_while_ping_answers(st
     assert reply["error"].startswith("Code validation failed: Import test failed: ")
     assert words in reply["error"]
     assert (await prober.call("version"))["version"] == 1
-    assert (agent.deployer.store.handlers_dir / "good.py").read_text() == version_module(1)
+    assert (agent.store.handlers_dir / "good.py").read_text() == version_module(1)
 
 
 @pytest.mark.parametrize("source, words", [
@@ -272,7 +272,7 @@ async def test_dry_run_checks_everything_and_changes_nothing(start_agent, connec
     reply = await deploy(client, "ver.py", version_module(2) + "def handle_extra(d):\n    return {}\n", dry_run=True)
     assert reply["success"] is True and reply["dry_run"] is True
     assert reply["reload"]["commands"] == ["version", "extra"] and reply["backup_created"] is None
-    assert (agent.deployer.store.handlers_dir / "ver.py").read_text() == version_module(1)
+    assert (agent.store.handlers_dir / "ver.py").read_text() == version_module(1)
     assert (await client.call("extra"))["code"] == "unknown_command"
     assert (await client.call("list_backups"))["backups"] == []
     bad = await deploy(client, "ver.py", "import os\nos.system('x')\n", dry_run=True)
@@ -284,7 +284,7 @@ async def test_sha256_must_match_the_code(start_agent, connect):
     client = await connect(agent)
     code = version_module(1)
     wrong = await deploy(client, "ver.py", code, sha256="0" * 64)
-    assert wrong["code"] == "checksum_mismatch" and not (agent.deployer.store.handlers_dir / "ver.py").exists()
+    assert wrong["code"] == "checksum_mismatch" and not (agent.store.handlers_dir / "ver.py").exists()
     right = await deploy(client, "ver.py", code, sha256=sha(code).upper())
     assert right["success"] is True
 
@@ -310,7 +310,7 @@ async def test_rollback_restores_the_previous_version_and_can_itself_be_undone(s
     assert back["restored_from"].startswith("handlers_ver.py_") and back["backup_created"]
     assert back["message"].startswith("Handler ver.py rolled back to ")
     assert (await client.call("version"))["version"] == 1
-    assert (agent.deployer.store.handlers_dir / "ver.py").read_text() == version_module(1)
+    assert (agent.store.handlers_dir / "ver.py").read_text() == version_module(1)
     undo = await client.call("rollback_handler", filename="ver.py")
     assert undo["success"] is True and (await client.call("version"))["version"] == 2
 
@@ -336,12 +336,12 @@ def held_version(flag: Path, n: int, fail: bool = False) -> str:
 
 
 async def test_a_conditional_rollback_waits_for_a_running_push_and_undoes_only_that_version(start_agent, connect,
-                                                                                          tmp_path):
+                                                                                          flag_dir):
     """``if_version`` + ``to_version``: how a controller undoes a push whose reply it never got."""
     client = await connect(await start_agent())
     await deploy(client, "ver.py", version_module(1))
     for fail in (False, True):
-        flag = tmp_path / f"go-{fail}"
+        flag = flag_dir / f"go-{fail}"
         pushed = held_version(flag, 2, fail)
         # Both requests in one write: the push takes the file's lock first, the undo queues behind it.
         await client.send_raw(
@@ -390,7 +390,7 @@ async def test_delete_unloads_commands_and_keeps_a_backup(start_agent, connect):
     await deploy(client, "ver.py", version_module(1))
     reply = await client.call("delete_handler", filename="ver.py", backup=True)
     assert reply["success"] is True and reply["removed_commands"] == ["version"]
-    assert not (agent.deployer.store.handlers_dir / "ver.py").exists()
+    assert not (agent.store.handlers_dir / "ver.py").exists()
     assert (agent.config.root / reply["backup_created"]).read_text() == version_module(1)
     assert (await client.call("version"))["code"] == "unknown_command"
     assert (await client.call("delete_handler", filename="ver.py"))["code"] == "not_found"
@@ -452,7 +452,7 @@ async def test_a_module_that_passes_isolation_but_fails_to_load_is_put_back(star
     reply = await deploy(client, "ver.py", sneaky)
     assert reply["success"] is False and reply["rolled_back"] is True and reply["code"] == "load_failed"
     assert "only in the agent" in reply["error"]
-    assert (agent.deployer.store.handlers_dir / "ver.py").read_text() == version_module(1)
+    assert (agent.store.handlers_dir / "ver.py").read_text() == version_module(1)
     assert (await client.call("version"))["version"] == 1
     assert (await client.call("list_backups"))["backups"] == []
 

@@ -332,7 +332,7 @@ async def test_a_failing_canary_halts_the_rollout_before_other_devices_change(st
     for device_id in ("d0", "d1"):
         assert report.results[device_id].status is Status.SKIPPED and "halted" in report.results[device_id].note
     for agent in others:
-        assert not (agent.deployer.store.handlers_dir / "ver.py").exists()
+        assert not (agent.store.handlers_dir / "ver.py").exists()
 
 
 async def test_rollback_on_failure_restores_what_every_changed_device_ran_before(start_agent, tmp_path):
@@ -347,8 +347,8 @@ async def test_rollback_on_failure_restores_what_every_changed_device_ran_before
         assert report.results["d2"].status is Status.FAILED
         assert (await fleet.send("d0", {"command": "version"}))["version"] == 1
         assert (await fleet.send("d1", {"command": "version"}))["code"] == "unknown_command"
-    assert (agents[0].deployer.store.handlers_dir / "ver.py").read_text() == V1
-    assert not (agents[1].deployer.store.handlers_dir / "ver.py").exists()
+    assert (agents[0].store.handlers_dir / "ver.py").read_text() == V1
+    assert not (agents[1].store.handlers_dir / "ver.py").exists()
 
 
 async def test_a_changed_device_that_cannot_be_rolled_back_is_failed_and_says_so(tmp_path, spawn_agent):
@@ -372,9 +372,10 @@ async def test_a_changed_device_that_cannot_be_rolled_back_is_failed_and_says_so
 
 
 @pytest.mark.parametrize("lands", [True, False])
-async def test_a_push_that_timed_out_is_checked_and_undone_if_it_landed_after_all(start_agent, tmp_path, lands):
+async def test_a_push_that_timed_out_is_checked_and_undone_if_it_landed_after_all(start_agent, tmp_path, flag_dir,
+                                                                                   lands):
     """The push is answered only after the rollout gave up on it: the undo queues behind it on the device."""
-    flag = tmp_path / "go"
+    flag = flag_dir / "go"
     slow = waits_for(flag) + ("" if lands else "raise RuntimeError('broken on purpose')\n") + V2
     agent = await start_agent(handlers={"ver": V1})
 
@@ -396,12 +397,13 @@ async def test_a_push_that_timed_out_is_checked_and_undone_if_it_landed_after_al
         assert result.status is Status.ROLLED_BACK and result.note == f"the push had landed after all; rolled back to {sha(V1)[:8]}"
     else:
         assert result.status is Status.TIMEOUT and "checked: it still runs what it ran before" in result.note
-    # Newest first: the undo, then the late push; nothing at all when the push did not land.
-    assert [e["action"] for e in log] == (["rollback", "deploy"] if lands else [])
+    # Newest first: the undo, then the late push; neither when the push did not land. Oldest: the agent
+    # adopting ver.py, which was in handlers/ before it first started.
+    assert [e["action"] for e in log] == (["rollback", "deploy", "adopt"] if lands else ["adopt"])
 
 
-async def test_an_unanswered_dry_run_is_not_said_to_maybe_land(start_agent, tmp_path):
-    flag = tmp_path / "go"
+async def test_an_unanswered_dry_run_is_not_said_to_maybe_land(start_agent, tmp_path, flag_dir):
+    flag = flag_dir / "go"
     slow = waits_for(flag) + V2
     agent = await start_agent(handlers={"ver": V1})
     async with Fleet([device_for(agent, "d0")]) as fleet:
@@ -515,7 +517,7 @@ async def test_dry_run_changes_nothing(start_agent, tmp_path):
     async with Fleet([device_for(agent, "a")]) as fleet:
         report = await deploy(fleet, write_handler(tmp_path, V1), plan=RolloutPlan(dry_run=True))
     assert report.ok and "dry run" in report.results["a"].note
-    assert not (agent.deployer.store.handlers_dir / "ver.py").exists()
+    assert not (agent.store.handlers_dir / "ver.py").exists()
 
 
 TWO = V1 + "\ndef handle_extra(data):\n    return {}\n"
@@ -592,7 +594,7 @@ async def test_what_an_agent_found_by_itself_shows_under_the_status_table(start_
         await fleet.send("d1", {"command": "update_handler", "filename": "ver.py", "code": scripted("crash")})
         for _ in range(2):
             await fleet.send("d1", {"command": "boom"})
-        await wait_until(lambda: flaky.deployer.auto_rollbacks, what="the automatic rollback")
+        await wait_until(lambda: flaky.recovery.auto_rollbacks, what="the automatic rollback")
         statuses, last = await fleet.status()
     notes = status_table(devices, statuses, last).split("\n\n", 1)[1].splitlines()
     assert notes[0].startswith("d0: handlers/ver.py differs from the version last deployed through the agent")

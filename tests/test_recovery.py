@@ -27,7 +27,7 @@ async def test_probation_rolls_back_a_module_that_keeps_failing(start_agent, con
         assert (await client.call("version", polite=True))["error"] == "declined"
     for _ in range(3):
         assert (await client.call("version"))["code"] == "handler_error"
-    await wait_until(lambda: agent.deployer.auto_rollbacks, what="the automatic rollback")
+    await wait_until(lambda: agent.recovery.auto_rollbacks, what="the automatic rollback")
     assert (await client.call("version"))["version"] == 1
     status = await client.call("get_status")
     (rollback,) = status["auto_rollbacks"]
@@ -47,7 +47,7 @@ async def test_a_rollback_after_the_automatic_one_does_not_put_the_failing_code_
     await deploy(client, "ver.py", FLAKY_V2)
     for _ in range(2):
         await client.call("version")
-    await wait_until(lambda: agent.deployer.auto_rollbacks, what="the automatic rollback")
+    await wait_until(lambda: agent.recovery.auto_rollbacks, what="the automatic rollback")
     reply = await client.call("rollback_handler", filename="ver.py")
     assert reply["code"] == "not_found" and "probation rolled back" in reply["error"]
     assert sha(FLAKY_V2)[:12] in reply["error"]
@@ -66,7 +66,7 @@ async def test_probation_false_leaves_a_failing_module_alone(start_agent, connec
     assert (await deploy(client, "ver.py", FLAKY_V2, probation=False))["probation"] is None
     for _ in range(5):
         assert (await client.call("version"))["code"] == "handler_error"
-    assert agent.deployer.auto_rollbacks == []
+    assert agent.recovery.auto_rollbacks == []
     assert agent.registry.modules["ver"].sha256 == sha(FLAKY_V2)
 
 
@@ -80,7 +80,7 @@ async def test_probation_ends_after_enough_good_calls(start_agent, connect):
     assert (await client.call("get_status"))["probation"] == []
     for _ in range(3):
         await client.call("version")
-    assert agent.deployer.auto_rollbacks == []
+    assert agent.recovery.auto_rollbacks == []
 
 
 async def test_a_new_module_that_fails_probation_is_unloaded(start_agent, connect):
@@ -89,13 +89,13 @@ async def test_a_new_module_that_fails_probation_is_unloaded(start_agent, connec
     await deploy(client, "flaky.py", FLAKY_V2)
     for _ in range(2):
         await client.call("version")
-    await wait_until(lambda: agent.deployer.auto_rollbacks, what="the automatic rollback")
-    assert agent.deployer.auto_rollbacks[0]["outcome"] == "unloaded"
+    await wait_until(lambda: agent.recovery.auto_rollbacks, what="the automatic rollback")
+    assert agent.recovery.auto_rollbacks[0]["outcome"] == "unloaded"
     assert (await client.call("version"))["code"] == "unknown_command"
-    assert not (agent.deployer.store.handlers_dir / "flaky.py").exists()
+    assert not (agent.store.handlers_dir / "flaky.py").exists()
     # Its backup is the version probation removed: a plain rollback must not bring it back.
     assert (await client.call("rollback_handler", filename="flaky.py"))["code"] == "not_found"
-    assert not (agent.deployer.store.handlers_dir / "flaky.py").exists()
+    assert not (agent.store.handlers_dir / "flaky.py").exists()
 
 
 async def test_an_agent_that_cannot_write_its_restore_still_starts_and_says_so(tmp_path, spawn_agent):
@@ -197,7 +197,7 @@ async def test_a_clients_bad_arguments_are_not_held_against_the_module(start_age
     await deploy(client, "ver.py", version_module(2))
     for bad in ("soon", -1, 0):
         assert (await client.call("version", timeout=bad))["code"] == "bad_request"
-    assert agent.deployer.auto_rollbacks == []
+    assert agent.recovery.auto_rollbacks == []
     assert (await client.call("version"))["version"] == 2
     stats = (await client.call("handler_stats"))["stats"]["version"]
     assert stats["calls"] == 1 and stats["errors"] == 0

@@ -20,7 +20,7 @@ async def test_modules_load_at_start_from_both_export_styles(start_agent, connec
     status = await client.call("get_status")
     (module,) = status["modules"]
     assert module["file"] == "basic.py" and len(module["sha256"]) == 64 and "add" in module["commands"]
-    assert status["deploy_features"] == ["if_version", "to_version"]  # what a controller may rely on
+    assert status["deploy_features"] == ["if_version", "to_version", "force"]  # what a controller may rely on
     disk = status["disk"]
     assert 0 < disk["free_bytes"] <= disk["total_bytes"]
     assert abs(disk["free_bytes"] - shutil.disk_usage(agent.config.root).free) < 64 * 1024 * 1024
@@ -159,7 +159,7 @@ async def test_token_is_required_on_every_request_when_configured(start_agent, c
         assert reply["code"] == "unauthorized" and reply["id"] == 1 and "token" in reply["error"]
     denied = await client.call("update_handler", filename="x.py", code="def handle_x(d): return {}\n")
     assert denied["code"] == "unauthorized"
-    assert not (agent.deployer.store.handlers_dir / "x.py").exists()
+    assert not (agent.store.handlers_dir / "x.py").exists()
     assert (await client.call("echo", token="correct horse", value=2))["echo"] == {"value": 2}
     assert (await client.call("ping", token="correct horse"))["message"] == "pong"
 
@@ -167,7 +167,7 @@ async def test_token_is_required_on_every_request_when_configured(start_agent, c
 async def test_reload_handler_loads_the_file_from_disk(start_agent, connect):
     agent = await start_agent(handlers={"basic": scripted("basic")})
     client = await connect(agent)
-    path = agent.deployer.store.handlers_dir / "basic.py"
+    path = agent.store.handlers_dir / "basic.py"
     path.write_text(path.read_text() + "\n\ndef handle_new_one(data):\n    return {'new': True}\n")
     reply = await client.call("reload_handler", filename="basic.py")
     assert reply["success"] is True and "new_one" in reply["reload"]["commands"]
@@ -179,7 +179,7 @@ async def test_reload_handler_loads_the_file_from_disk(start_agent, connect):
 async def test_reload_of_a_broken_file_keeps_the_old_module(start_agent, connect):
     agent = await start_agent(handlers={"basic": scripted("basic")})
     client = await connect(agent)
-    (agent.deployer.store.handlers_dir / "basic.py").write_text("def handle_echo(:\n")
+    (agent.store.handlers_dir / "basic.py").write_text("def handle_echo(:\n")
     reply = await client.call("reload_handler", filename="basic.py")
     assert reply["success"] is False and "Syntax Error" in reply["error"]
     assert (await client.call("echo", value=3))["echo"] == {"value": 3}
