@@ -48,6 +48,7 @@ class Activation:
         """``func(*args)`` in a new thread; ``asyncio.TimeoutError`` past ``timeout`` (the thread runs on)."""
         loop = asyncio.get_running_loop()
         future: "concurrent.futures.Future[T]" = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()  # running: a timeout must not be able to cancel it
         with self._guard:
             self._running += 1
         thread = threading.Thread(target=self._body, args=(future, func, args), daemon=True,

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="run every check on every device; change nothing")
     p.add_argument("--no-probation", action="store_true",
                    help="do not let agents roll the new code back by themselves if it keeps failing at first")
+    p.add_argument("--force", action="store_true",
+                   help="push even to devices that quarantined this version (it killed or hung their agent "
+                        "when loaded; `fleet status` lists quarantined versions)")
 
     p = sub.add_parser("rollback", parents=[common, targets], help="roll a handler back to its previous version")
     p.add_argument("file", help="handler file name, e.g. camera_handlers.py")
@@ -183,7 +186,7 @@ async def cmd_deploy(fleet: Fleet, inventory: Inventory, ids: List[str], args: a
     plan = RolloutPlan(canary=args.canary, batch=args.batch, max_failures=args.max_failures,
                        max_unreachable=args.max_unreachable, verify=args.verify,
                        rollback_on_failure=args.rollback_on_failure, dry_run=args.dry_run,
-                       probation=not args.no_probation, timeout=args.timeout)
+                       probation=not args.no_probation, force=args.force, timeout=args.timeout)
     filename, _ = read_handler(Path(args.file))
     print(f"rolling out {filename} to {len(ids)} device(s): canary {plan.canary}, batch {plan.batch}, "
           f"max failures {plan.max_failures}{', verify ' + plan.verify if plan.verify else ''}"

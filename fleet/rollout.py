@@ -78,6 +78,7 @@ class RolloutPlan:
     rollback_on_failure: bool = False
     dry_run: bool = False
     probation: bool = True
+    force: bool = False  # push even a version a device quarantined (it killed or hung that agent once)
     timeout: Optional[float] = None
 
     def __post_init__(self) -> None:
@@ -179,7 +180,8 @@ class Rollout:
         self._undo_timeout = max(plan.timeout or 0.0, fleet.request_timeout)
         # Encoded once for the whole fleet: the code is the bulk of every push.
         self._push_body = encode_shared_request({"command": "update_handler", "filename": filename, "code": code,
-                                       "sha256": self.version, "dry_run": plan.dry_run, "probation": plan.probation})
+                                       "sha256": self.version, "dry_run": plan.dry_run, "probation": plan.probation,
+                                                  **({"force": True} if plan.force else {})})
         self._list_body = encode_shared_request({"command": "list_commands"})
         self._verify_body = encode_shared_request({**plan.verify_args, "command": plan.verify}) if plan.verify else b""
 

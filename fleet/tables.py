@@ -54,9 +54,15 @@ def _failed_to_load(result: DeviceResult) -> Set[str]:
 
 
 def _findings(reply: Dict[str, Any]) -> List[str]:
-    """What an agent found by itself and a person should know: files changed behind its back, code
-    that probation rolled back (the newest time per file), and storage that is nearly full."""
+    """What an agent found by itself and a person should know: files changed behind its back, versions
+    it quarantined, code that probation rolled back (the newest time per file), and storage that is
+    nearly full."""
     found = [str(finding.get("detail")) for finding in reply.get("integrity", [])]
+    for entry in reply.get("quarantine", []):  # each version once: a finding at start may already name it
+        version = str(entry.get("version"))
+        if not any(version[:12] in line for line in found):
+            found.append(f"{entry.get('file')} at {short(version)} is quarantined ({ago(entry.get('time'))}): "
+                         f"{entry.get('reason')}; the agent will not load it again unless pushed with --force")
     newest = {record.get("file"): record for record in reply.get("auto_rollbacks", [])}  # oldest first
     for file, record in newest.items():
         found.append(f"{file} was rolled back automatically {ago(record.get('time'))}: {record.get('reason')}")
