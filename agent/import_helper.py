@@ -65,13 +65,20 @@ def main():
         except ImportError:
             pass
     idle_exit = config.get("idle_exit")
-    while True:
-        line = lines.next_line(idle_exit)
-        if not line:
-            return 0  # the agent closed the pipe, or we were idle: it starts a new helper when needed
-        reply = run_test(json.loads(line), table, box)
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
+    ready = PreparedBox(box, table)
+    try:
+        while True:
+            line = lines.next_line(idle_exit)
+            if not line:
+                return 0  # the agent closed the pipe, or we were idle: it starts a new helper when needed
+            reply = ready.run(json.loads(line))
+            sys.stdout.write(json.dumps(reply) + "\n")
+            sys.stdout.flush()
+            # Off the deploy's path: the agent has its answer while this box goes and the next one is made.
+            ready.discard()
+            ready = PreparedBox(box, table)
+    finally:
+        ready.discard()
 
 
 def _load_by_path(name, path):
@@ -106,29 +113,50 @@ class _LineInput:
         return line
 
 
-def run_test(request, table, box):
-    """Run one test in the box; kill everything it left; return its reply."""
-    timeout = float(request["timeout"])
-    result_r, result_w = os.pipe()
-    status_r, status_w = os.pipe()
-    scratch = box.new_scratch()
-    outer = os.fork()
-    if outer == 0:  # never returns
-        with _box_process():
-            os.close(result_r)
-            os.close(status_r)
-            _outer(request, table, box, scratch, result_w, status_w)
-    os.close(result_w)
-    os.close(status_w)
-    try:
-        output, status = _collect(result_r, status_r, time.monotonic() + timeout)
-    finally:
-        os.close(result_r)
-        os.close(status_r)
-        _kill_group(outer)
-        box.kill_descendants()
-        box.discard(scratch)
-    return _verdict(request, output, status)
+class PreparedBox:
+    """A box made ahead of its test: the module's process waits, boxed already, for its request.
+
+    Making a box costs three forks, namespaces and mounts, a few milliseconds;
+    the helper makes the next one while the agent is busy with the reply, so a
+    deploy waits only for the module's own import.
+    """
+
+    def __init__(self, box, table):
+        self.box = box
+        request_r, self.request_w = os.pipe()
+        self.result_r, result_w = os.pipe()
+        self.status_r, status_w = os.pipe()
+        self.scratch = box.new_scratch()
+        self.outer = os.fork()
+        if self.outer == 0:  # never returns
+            with _box_process():
+                for fd in (self.request_w, self.result_r, self.status_r):
+                    os.close(fd)
+                _outer(table, box, self.scratch, request_r, result_w, status_w)
+        for fd in (request_r, result_w, status_w):
+            os.close(fd)
+
+    def run(self, request):
+        """Hand ``request`` to the waiting module process; its reply, with the box's report."""
+        deadline = time.monotonic() + float(request["timeout"])
+        try:
+            _write_all(self.request_w, json.dumps(request) + "\n")
+        except OSError:  # the box died while it waited
+            output, status = b"", -1
+        else:
+            output, status = _collect(self.result_r, self.status_r, deadline)
+        return _verdict(request, output, status)
+
+    def discard(self):
+        """Kill everything the test left and drop its folders."""
+        for fd in (self.request_w, self.result_r, self.status_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        _kill_group(self.outer)
+        self.box.kill_descendants()
+        self.box.discard(self.scratch)
 
 
 @contextlib.contextmanager
@@ -143,25 +171,26 @@ def _box_process():
         os._exit(BOX_FAILED)
 
 
-def _outer(request, table, box, scratch, result_w, status_w):
+def _outer(table, box, scratch, request_r, result_w, status_w):
     spaces = box.outer()
     init = os.fork()  # PID 1 of the new PID namespace, where there is one
     if init == 0:
         with _box_process():
-            _init(request, table, box, spaces, scratch, result_w, status_w)
-    os.close(result_w)
-    os.close(status_w)
+            _init(table, box, spaces, scratch, request_r, result_w, status_w)
+    for fd in (request_r, result_w, status_w):
+        os.close(fd)
     os.waitpid(init, 0)
     os._exit(0)
 
 
-def _init(request, table, box, spaces, scratch, result_w, status_w):
+def _init(table, box, spaces, scratch, request_r, result_w, status_w):
     home, active, missing = box.setup(spaces, scratch)
     child = os.fork()
     if child == 0:
         with _box_process():
             os.close(status_w)
-            _child(request, table, box.enter(spaces, home, active, missing), result_w)
+            _child(table, box.enter(spaces, home, active, missing), request_r, result_w)
+    os.close(request_r)
     os.close(result_w)
     _, status = os.waitpid(child, 0)
     os.write(status_w, f"{status}\n".encode())
@@ -251,10 +280,15 @@ def _failure(kind, error):
     return {"ok": False, "kind": kind, "error": error}
 
 
-def _child(request, table, isolation, write_fd):
+def _child(table, isolation, request_r, write_fd):
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
+    line = _LineInput(request_r).next_line(None)
+    if not line:
+        os._exit(0)  # the helper went away before it had a test for this box
+    os.close(request_r)
+    request = json.loads(line)
     _limit_resources(request)
     _write_all(write_fd, json.dumps({"box": isolation}) + "\n")
     result = {"ok": True} if request.get("probe") else _import_and_test(request, table)

@@ -10,6 +10,10 @@ a naive safe design would cost.
 
     python bench/deploy_latency.py [--deploys 60] [--starts 40]
 
+Every deploy runs its import test in the box (namespaces, read-only
+filesystem, unprivileged user where the agent is root); the bench prints
+which of the box's protections were active while it measured.
+
 Target: median deploy <= 2 x one bare ``python3 -I -S -c pass``.
 """
 
@@ -42,6 +46,18 @@ def time_command(command: List[str], runs: int) -> List[float]:
         subprocess.run(command, check=True)
         times.append(time.perf_counter() - started)
     return times
+
+
+async def box_protections(address) -> str:
+    """The protections the agent's import-test box had while the bench ran (from ``get_status``)."""
+    reader, writer = await asyncio.open_connection(*address, limit=16 * 1024 * 1024)
+    try:
+        writer.write(b'{"command": "get_status"}\n')
+        isolation = json.loads(await reader.readline()).get("isolation") or {}
+    finally:
+        writer.close()
+    missing = ", ".join(sorted(isolation.get("missing", {}))) or "none"
+    return f"box: {', '.join(sorted(isolation.get('active', {}))) or 'none'} (missing: {missing})"
 
 
 async def time_deploys(address, code: str, deploys: int) -> List[float]:
@@ -88,12 +104,14 @@ def main(argv: List[str] | None = None) -> int:
                 deploys += asyncio.run(time_deploys((host, int(port)), code, args.deploys // slices))
                 plain += time_command([sys.executable, "-c", "pass"], args.starts // slices)
                 isolated += time_command([sys.executable, "-I", "-S", "-c", "pass"], args.starts // slices)
+            protections = asyncio.run(box_protections((host, int(port))))
         finally:
             proc.terminate()
             proc.wait(timeout=20)
     bare = statistics.median(isolated)
     print(f"deploy latency bench: seed camera handler ({len(code)} bytes), Python {sys.version.split()[0]}, "
           f"{len(deploys)} deploys, {len(plain)} + {len(isolated)} interpreter starts")
+    print(protections)
     print(f"{'measure':40} {'median ms':>10} {'p95 ms':>8} {'x bare -I -S':>13}")
     for label, values in (
         ("update_handler round trip", deploys),
