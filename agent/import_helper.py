@@ -193,7 +193,10 @@ def _init(table, box, spaces, scratch, request_r, result_w, status_w):
     os.close(request_r)
     os.close(result_w)
     _, status = os.waitpid(child, 0)
-    os.write(status_w, f"{status}\n".encode())
+    try:
+        os.write(status_w, f"{status}\n".encode())
+    except BrokenPipeError:
+        pass  # a box made ahead and never used: the helper has gone, or discarded it
     os._exit(0)
 
 

@@ -27,7 +27,8 @@ from agent.config import AgentConfig
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-FLAGS = Path(__file__).resolve().parent / ".flags"
+# Where tests keep what the import test's box must see as it is: the box mounts a fresh /tmp.
+VISIBLE = Path(__file__).resolve().parent / ".visible"
 SCRIPTED = Path(__file__).resolve().parent / "scripted_handlers"
 REPLY_TIMEOUT = 20.0  # a bound on every wait, so a broken agent fails a test instead of hanging it
 
@@ -109,6 +110,15 @@ class Client:
             pass
 
 
+def visible_folder(prefix: str) -> Path:
+    """A new folder outside /tmp that every user can enter (``VISIBLE``); the caller removes it."""
+    VISIBLE.mkdir(exist_ok=True)
+    VISIBLE.chmod(0o755)
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=VISIBLE))
+    folder.chmod(0o755)
+    return folder
+
+
 @pytest.fixture
 def flag_dir():
     """A folder the import test's box can see (read-only): outside /tmp, readable by the sandbox user.
@@ -116,9 +126,7 @@ def flag_dir():
     Tests hold a push mid-way with a module that waits for a file to appear;
     the box gives the module a fresh /tmp, so such files cannot live in tmp_path.
     """
-    FLAGS.mkdir(exist_ok=True)
-    folder = Path(tempfile.mkdtemp(dir=FLAGS))
-    folder.chmod(0o755)
+    folder = visible_folder("flags-")
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
 

@@ -1,19 +1,23 @@
 """The import test's box: code that is refused leaves nothing behind and reaches nothing.
 
 Each module below tries one thing the issue saw refused code do, then raises,
-so that its import test refuses it. A real agent process runs it, as root on
-this machine (the box drops to ``nobody``), with a token in its environment.
+so that its import test refuses it. A real agent process runs it with a token
+in its environment, twice: as root (the box drops to ``nobody``) and as an
+unprivileged user, as the systemd unit runs it (the box enters a user
+namespace and drops every capability; the module runs as the agent's own
+user, so the read-only view is what keeps it out of the agent's files).
 Each case names the protections that stop it; where the kernel refuses all of
 them, the case is skipped with their names.
 """
 
 import os
+import shutil
 import socket
 from pathlib import Path
 
 import pytest
 
-from conftest import Client
+from conftest import Client, visible_folder
 from fleet.local import free_port
 from test_deploy import deploy
 
@@ -80,17 +84,44 @@ CASES = {
 }
 
 
-@pytest.fixture
-def boxed_agent(tmp_path, spawn_agent):
-    home = tmp_path / "agent-home"
+SYSTEM_PYTHON = Path("/usr/bin/python3")  # readable by any user, as on a Pi
+UNPRIVILEGED = 65534
+
+
+def as_unprivileged_user():
+    os.setgroups([])
+    os.setgid(UNPRIVILEGED)
+    os.setuid(UNPRIVILEGED)
+
+
+@pytest.fixture(params=["root", "unprivileged"])
+def boxed_agent(request, spawn_agent):
+    """``(start, home, token_file)``: ``start()`` spawns the agent, as root or as an unprivileged user."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run the agent as root and as another user")
+    extra = {}
+    if request.param == "unprivileged":
+        if not SYSTEM_PYTHON.exists():
+            pytest.skip(f"missing {SYSTEM_PYTHON}: an interpreter an unprivileged user can run")
+        extra = {"python": str(SYSTEM_PYTHON), "preexec_fn": as_unprivileged_user}
+    # Not tmp_path: the box has its own /tmp, and pytest's folders are closed to other users. A real
+    # agent's root and home are outside /tmp too (/var/lib/pi-agent), where the box sees them read-only.
+    folder = visible_folder("box-")
+    home, token_file, root = folder / "agent-home", folder / "token", folder / "device"
     home.mkdir()
-    token_file = tmp_path / "token"
+    root.mkdir()
     token_file.write_text(TOKEN)
     token_file.chmod(0o600)
+    if request.param == "unprivileged":
+        for path in (home, root, token_file):
+            os.chown(path, UNPRIVILEGED, UNPRIVILEGED)
 
     def start():
-        return spawn_agent(root=tmp_path / "device", env={"PI_AGENT_TOKEN": TOKEN, "HOME": str(home)})
-    return start, home, token_file
+        # The token both in a file (hidden from the box) and in the environment (cleared for it).
+        return spawn_agent("--token-file", str(token_file), root=root,
+                           env={"PI_AGENT_TOKEN": TOKEN, "HOME": str(home)}, **extra)
+    yield start, home, token_file
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def skip_unless_any(status, protections):
