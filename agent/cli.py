@@ -70,13 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--token-file", help="file whose first line is the shared secret every request must carry")
     net.add_argument("--insecure", action="store_true",
                      help="allow listening beyond loopback without a token (anyone who can connect can push code)")
-    safety = parser.add_argument_group("safety")
-    safety.add_argument("--sandbox-user", default=DEFAULT_SANDBOX_USER,
-                        help="when the agent runs as root, the import test of pushed code runs as this user "
-                             f"(default {DEFAULT_SANDBOX_USER})")
-    safety.add_argument("--supervised", action="store_true",
-                        help="a supervisor (systemd) restarts the agent: exit with status "
-                             f"{EXIT_RESTART} when stuck threads pass --max-stuck-threads, to restart clean")
     timeouts = parser.add_argument_group("timeouts (seconds)")
     timeouts.add_argument("--handler-timeout", type=float, default=DEFAULT_HANDLER_TIMEOUT,
                           help=f"time limit of one handler call; a request's 'timeout' may lower it (default {DEFAULT_HANDLER_TIMEOUT:g})")
@@ -101,6 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-stuck-threads", type=int, default=DEFAULT_MAX_STUCK_THREADS,
                         help="handler calls and module loads still running past their time limits before "
                              f"get_status says so (and --supervised exits) (default {DEFAULT_MAX_STUCK_THREADS})")
+    _add_device_safety_options(parser)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging detail on stderr (default INFO)")
+    return parser
+
+
+def _add_device_safety_options(parser: argparse.ArgumentParser) -> None:
+    """What keeps a device alive through bad pushes: the import test's box, restarts, probation."""
+    safety = parser.add_argument_group("safety")
+    safety.add_argument("--sandbox-user", default=DEFAULT_SANDBOX_USER,
+                        help="when the agent runs as root, the import test of pushed code runs as this user "
+                             f"(default {DEFAULT_SANDBOX_USER})")
+    safety.add_argument("--supervised", action="store_true",
+                        help="a supervisor (systemd) restarts the agent: exit with status "
+                             f"{EXIT_RESTART} when stuck threads pass --max-stuck-threads, to restart clean")
     probation = parser.add_argument_group("probation after a deploy")
     probation.add_argument("--probation-seconds", type=float, default=DEFAULT_PROBATION_SECONDS,
                            help=f"how long a new module is watched (default {DEFAULT_PROBATION_SECONDS:g})")
@@ -108,9 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"or for how many calls (default {DEFAULT_PROBATION_CALLS})")
     probation.add_argument("--probation-failures", type=int, default=DEFAULT_PROBATION_FAILURES,
                            help=f"failed calls that trigger an automatic rollback (default {DEFAULT_PROBATION_FAILURES})")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="logging detail on stderr (default INFO)")
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:

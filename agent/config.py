@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import pwd
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
@@ -85,11 +86,22 @@ class AgentConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not _user_exists(self.sandbox_user):
+            raise ConfigError(f"no user {self.sandbox_user!r} on this system for the import test's box "
+                              "(--sandbox-user); name an existing unprivileged user, such as nobody")
         if self.token is None and not self.insecure and not is_loopback(self.host):
             raise ConfigError(
                 f"refusing to listen on {self.host} without a token: anyone on the network could "
                 f"push code. Set --token-file or {TOKEN_ENV}, or pass --insecure if you really mean it"
             )
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def is_loopback(host: str) -> bool:

@@ -144,3 +144,11 @@ async def test_agent_runs_on_python_3_9_standard_library_only(tmp_path, spawn_ag
     assert undo["success"] is True and undo["unchanged"] is True, undo
     await client.close()
     assert proc.terminate() == 0
+
+
+def test_an_unknown_sandbox_user_stops_the_agent_at_start(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "agent", "--port", "0", "--root", str(tmp_path / "r"),
+                             "--sandbox-user", "no-such-user-here"], cwd=REPO, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 2
+    assert "no user 'no-such-user-here'" in result.stderr and "--sandbox-user" in result.stderr
