@@ -29,6 +29,7 @@ through ``ctypes``. Standard library only; the helper loads this file by path.
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import pwd
 import shutil
@@ -72,6 +73,18 @@ class _CapData(ctypes.Structure):
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 
+def _sys(name):
+    """The C library's ``name``, or a stand-in that fails with ENOSYS where there is none (not Linux)."""
+    func = getattr(_libc, name, None)
+    if func is not None:
+        return func
+
+    def missing(*_args):
+        ctypes.set_errno(errno.ENOSYS)
+        return -1
+    return missing
+
+
 def _call(result, what):
     if result != 0:
         number = ctypes.get_errno()
@@ -79,7 +92,7 @@ def _call(result, what):
 
 
 def _mount(source, target, fstype, flags, data=None):
-    _call(_libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
+    _call(_sys("mount")(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
           f"mount {target}")
 
 
@@ -101,7 +114,7 @@ class Box:
         self.path_fds = [_open_path(p) for p in sys_path]
         self.report = {"active": {}, "missing": {}}
         try:
-            _call(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "PR_SET_CHILD_SUBREAPER")
+            _call(_sys("prctl")(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "PR_SET_CHILD_SUBREAPER")
             self.subreaper = True
         except OSError:
             self.subreaper = False
@@ -134,7 +147,7 @@ class Box:
         if not self.is_root:
             self._step("user namespace", lambda: self._user_namespace(), spaces, "user")
         for flag, name in ((CLONE_NEWNS, "mount"), (CLONE_NEWNET, "network"), (CLONE_NEWPID, "pid")):
-            self._step(f"{name} namespace", lambda f=flag: _call(_libc.unshare(f), "unshare"), spaces, name)
+            self._step(f"{name} namespace", lambda f=flag: _call(_sys("unshare")(f), "unshare"), spaces, name)
         return spaces
 
     def _step(self, what, action, spaces, name):
@@ -147,7 +160,7 @@ class Box:
     @staticmethod
     def _user_namespace():
         uid, gid = os.geteuid(), os.getegid()
-        _call(_libc.unshare(CLONE_NEWUSER), "unshare")
+        _call(_sys("unshare")(CLONE_NEWUSER), "unshare")
         for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
                            ("/proc/self/gid_map", f"{gid} {gid} 1")):
             with open(path, "w") as handle:
@@ -163,7 +176,7 @@ class Box:
         that kills itself at import must be seen to die.
         """
         os.setsid()  # its own session, so that kill(0, ...) reaches nothing outside the box
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _sys("prctl")(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         active, missing = {}, dict(self.report["missing"])
         home = scratch
         if "mount" in spaces:
@@ -205,7 +218,7 @@ class Box:
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
         try:
             attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
-            _call(_libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE,
+            _call(_sys("syscall")(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE,
                                 ctypes.byref(attr), ctypes.sizeof(attr)), "mount_setattr")
             active["readonly_filesystem"] = "every mount read-only; fresh tmpfs on " + ", ".join(SCRATCH)
         except OSError as exc:  # before Linux 5.12: at least the agent's own root
@@ -246,12 +259,15 @@ class Box:
         else:
             if "user" in spaces:
                 header, data = _CapHeader(CAP_VERSION_3, 0), (_CapData * 2)()
-                _call(_libc.capset(ctypes.byref(header), data), "capset")
+                _call(_sys("capset")(ctypes.byref(header), data), "capset")
             active["unprivileged_user"] = "runs as the agent's own (unprivileged) user, without capabilities"
-        _call(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
-        active["no_new_privileges"] = "setuid programs and file capabilities give it nothing"
+        try:
+            _call(_sys("prctl")(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
+            active["no_new_privileges"] = "setuid programs and file capabilities give it nothing"
+        except OSError as exc:
+            missing["no_new_privileges"] = exc.strerror or str(exc)
         # Set last: changing credentials clears it. If the outer process is killed, so is this one.
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _sys("prctl")(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
     # In the helper, after each test
 
@@ -290,6 +306,8 @@ def _children(pid):
 
 def _open_path(path):
     if not path or not os.path.exists(path):
+        return None
+    if not hasattr(os, "O_PATH"):  # not Linux: the box cannot drop to another user there anyway
         return None
     flags = os.O_PATH | (os.O_DIRECTORY if os.path.isdir(path) else 0)
     try:
