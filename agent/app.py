@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import platform
-import shutil
 import socket
+import sys
 import time
 from typing import Any, Dict, Optional, Tuple
 
 from . import __version__
 from .activation import ActivationRecords, Quarantine
+from .admission import Deadlines
 from .config import AgentConfig
 from .deploy_commands import DeployCommands
 from .dispatch import Dispatcher
@@ -48,6 +48,7 @@ class Agent:
         self.started_at = time.time()
         self._started_monotonic = time.monotonic()
         self.address: Optional[Tuple[str, int]] = None
+        self._probe: "Optional[asyncio.Future[None]]" = None
         self._closed = False
         # Set when stuck threads pass the limit under a supervisor: the agent should exit and be restarted.
         self.restart_needed = asyncio.Event()
@@ -69,7 +70,9 @@ class Agent:
             max_connections=config.max_connections,
             max_line_bytes=config.max_line_bytes,
             max_pipelined=config.max_pipelined,
-            idle_timeout=config.idle_timeout,
+            deadlines=Deadlines(line=config.line_timeout, unauthenticated_idle=config.unauthenticated_timeout,
+                                idle=config.idle_timeout),
+            max_buffered_bytes=config.max_buffered_bytes,
         )
         self._register_builtins()
 
@@ -109,11 +112,11 @@ class Agent:
 
     async def start(self) -> Tuple[str, int]:
         """Probe the import test's box, recover and load the handlers, then start listening."""
-        if self.tester.isolation is None:
-            probe = await self.pipeline.probe_box()
-            log.info("import test box: %s", describe_isolation(probe.isolation) if probe.isolation else probe.error)
         await self.recovery.start()
         self.address = await self.server.start(self.config.host, self.config.port)
+        # Which of the box's protections hold: known already if handlers were import-tested at start,
+        # else learned in the background, so that a box being set up never delays the first reply.
+        self._probe = asyncio.ensure_future(self._report_isolation())
         log.info(
             "agent %s listening on %s:%d with %d handler module(s), %d failed",
             __version__, self.address[0], self.address[1],
@@ -121,11 +124,23 @@ class Agent:
         )
         return self.address
 
+    async def _report_isolation(self) -> None:
+        isolation = self.tester.isolation
+        if isolation is None:
+            probe = await self.pipeline.probe_box()
+            isolation = probe.isolation
+            if isolation is None:
+                log.error("import test box: %s", probe.error)
+                return
+        log.info("import test box: %s", describe_isolation(isolation))
+
     async def close(self) -> None:
         """Stop serving and release everything; calling it again does nothing."""
         if self._closed:
             return
         self._closed = True
+        if self._probe is not None:
+            self._probe.cancel()
         await self.server.close(self.config.shutdown_grace)
         self.recovery.close()
         self.pipeline.close()
@@ -145,7 +160,7 @@ class Agent:
             "agent_version": __version__,
             "uptime_seconds": round(time.monotonic() - self._started_monotonic, 3),
             "started_at": self.started_at,
-            "python_version": platform.python_version(),
+            "python_version": "%d.%d.%d" % sys.version_info[:3],
             "hostname": socket.gethostname(),
             "modules": [registry.modules[name].describe() for name in sorted(registry.modules)],
             "failed_modules": [
@@ -185,6 +200,8 @@ class Agent:
 
     def _disk(self) -> Optional[Dict[str, int]]:
         """Space on the storage that holds the handlers: a full card is what makes deploys fail."""
+        import shutil  # here, not at the top: the agent's start time is mostly imports
+
         try:
             usage = shutil.disk_usage(self.config.root)
         except OSError:

@@ -37,6 +37,7 @@ from .config import (
     read_token,
     take_token_from_environment,
 )
+from .admission import DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_UNAUTHENTICATED_IDLE
 from .protocol import DEFAULT_MAX_LINE_BYTES
 
 log = logging.getLogger("agent")
@@ -78,13 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     timeouts.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE,
                           help="on SIGTERM, how long running requests may take to finish before they are "
                                f"refused (default {DEFAULT_SHUTDOWN_GRACE:g})")
-    timeouts.add_argument("--idle-timeout", type=float, default=None,
-                          help="close connections silent this long (default: off, controllers keep connections open)")
+    _add_connection_options(parser)
     limits = parser.add_argument_group("limits")
-    limits.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES,
-                        help=f"largest request line (default {DEFAULT_MAX_LINE_BYTES})")
-    limits.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
-                        help=f"connections open at once; more are refused politely (default {DEFAULT_MAX_CONNECTIONS})")
     limits.add_argument("--handler-threads", type=int, default=DEFAULT_HANDLER_THREADS,
                         help=f"threads for plain (non-async) handlers (default {DEFAULT_HANDLER_THREADS})")
     limits.add_argument("--import-memory-mb", type=int, default=DEFAULT_IMPORT_MEMORY_MB,
@@ -98,6 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="logging detail on stderr (default INFO)")
     return parser
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    """What a stranger on the LAN cannot exhaust: connections, time, memory (see agent/admission.py)."""
+    conns = parser.add_argument_group(
+        "connections", "At the limit, a new connection evicts one that has not authenticated, or the one idle "
+                       "longest, so the operator always gets in. The defaults let a 4 MiB push take 130 s "
+                       "(256 kbit/s) with time to spare.")
+    conns.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                       help=f"connections open at once (default {DEFAULT_MAX_CONNECTIONS})")
+    conns.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES,
+                       help=f"largest request line (default {DEFAULT_MAX_LINE_BYTES})")
+    conns.add_argument("--max-buffered-bytes", type=int, default=DEFAULT_MAX_BUFFERED_BYTES,
+                       help="unfinished request lines of all connections together; past it the connections "
+                            f"holding the most are closed (default {DEFAULT_MAX_BUFFERED_BYTES}, for a 512 MB Pi)")
+    conns.add_argument("--line-timeout", type=float, default=DEFAULT_LINE_TIMEOUT,
+                       help="seconds a request line may take from its first byte to its last; a client that "
+                            f"trickles cannot reset it (default {DEFAULT_LINE_TIMEOUT:g})")
+    conns.add_argument("--unauthenticated-timeout", type=float, default=DEFAULT_UNAUTHENTICATED_IDLE,
+                       help="close a connection silent this long before its first authenticated request "
+                            f"(default {DEFAULT_UNAUTHENTICATED_IDLE:g})")
+    conns.add_argument("--idle-timeout", type=float, default=None,
+                       help="close authenticated connections silent this long (default: off, controllers "
+                            "keep connections open)")
 
 
 def _add_device_safety_options(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +152,9 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         handler_timeout=args.handler_timeout,
         import_timeout=args.import_timeout,
         idle_timeout=args.idle_timeout,
+        line_timeout=args.line_timeout,
+        unauthenticated_timeout=args.unauthenticated_timeout,
+        max_buffered_bytes=args.max_buffered_bytes,
         shutdown_grace=args.shutdown_grace,
         max_line_bytes=args.max_line_bytes,
         max_connections=args.max_connections,

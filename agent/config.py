@@ -6,13 +6,13 @@ the code agree.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import pwd
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
+from .admission import DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_UNAUTHENTICATED_IDLE
 from .protocol import DEFAULT_MAX_LINE_BYTES
 
 DEFAULT_HOST = "127.0.0.1"
@@ -55,9 +55,12 @@ class AgentConfig:
     handler_timeout: float = DEFAULT_HANDLER_TIMEOUT
     import_timeout: float = DEFAULT_IMPORT_TIMEOUT
     idle_timeout: Optional[float] = None  # off: controllers keep connections open
+    line_timeout: float = DEFAULT_LINE_TIMEOUT  # a request line must be complete this long after its first byte
+    unauthenticated_timeout: float = DEFAULT_UNAUTHENTICATED_IDLE  # silence allowed before the first good request
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     # Limits
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES  # unfinished lines of all connections together
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_pipelined: int = DEFAULT_MAX_PIPELINED
     handler_threads: int = DEFAULT_HANDLER_THREADS
@@ -75,13 +78,14 @@ class AgentConfig:
             raise ConfigError(f"port must be between 0 and 65535, got {self.port}")
         if self.token is not None and not self.token.strip():
             raise ConfigError("the token is empty; put a secret in the token file or unset it")
-        for name in ("handler_timeout", "import_timeout", "shutdown_grace", "probation_seconds"):
+        for name in ("handler_timeout", "import_timeout", "shutdown_grace", "probation_seconds", "line_timeout",
+                     "unauthenticated_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.idle_timeout is not None and self.idle_timeout <= 0:
             raise ConfigError(f"idle_timeout must be positive or unset, got {self.idle_timeout}")
         for name in (
-            "max_line_bytes", "max_connections", "max_pipelined", "handler_threads",
+            "max_line_bytes", "max_buffered_bytes", "max_connections", "max_pipelined", "handler_threads",
             "import_memory_mb", "keep_backups", "probation_calls", "probation_failures", "max_stuck_threads",
         ):
             if getattr(self, name) < 1:
@@ -108,6 +112,8 @@ def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
+        import ipaddress  # here, not at the top: the agent's start time is mostly imports
+
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import difflib
 import hmac
 import logging
 import time
@@ -36,6 +35,7 @@ from .errors import (
     Timeout,
     Unauthorized,
     UnknownCommand,
+    WRONG_TOKEN,
 )
 from .protocol import Request, encode_message, error_line, finish_reply
 from .registry import Handler, Registry
@@ -126,10 +126,14 @@ class Dispatcher:
 
     # Dispatch
 
-    def handle(self, request: Request) -> Union[bytes, Awaitable[bytes]]:
-        """Reply bytes now (quick paths and errors), or an awaitable for them."""
+    def handle(self, request: Request, *, authorized: bool = False) -> Union[bytes, Awaitable[bytes]]:
+        """Reply bytes now (quick paths and errors), or an awaitable for them.
+
+        ``authorized``: the caller has checked the token with ``token_ok``.
+        """
         try:
-            self._authorize(request)
+            if not authorized:
+                self._authorize(request)
             builtin = self._builtins.get(request.command)
             if builtin is not None:
                 if builtin.quick:
@@ -147,17 +151,22 @@ class Dispatcher:
             log.exception("built-in %s failed", request.command)
             return self._internal_error(exc, request)
 
-    def _authorize(self, request: Request) -> None:
+    def token_ok(self, request: Request) -> bool:
+        """True when the agent has no token, or the request carries it (compared in constant time)."""
         if self._token is None:
-            return
+            return True
         given = request.args.get("token")
-        if not isinstance(given, str) or not hmac.compare_digest(given.encode("utf-8"), self._token):
-            raise Unauthorized(
-                "missing or wrong token: send the agent's token in the 'token' field of every request"
-            )
+        # surrogatepass: a lone surrogate ("\ud800") is a wrong token, not an internal error
+        return isinstance(given, str) and hmac.compare_digest(given.encode("utf-8", "surrogatepass"), self._token)
+
+    def _authorize(self, request: Request) -> None:
+        if not self.token_ok(request):
+            raise Unauthorized(WRONG_TOKEN)
 
     def _unknown_message(self, command: str) -> str:
         known = self.registry.all_commands()
+        import difflib  # here, not at the top: the agent's start time is mostly imports
+
         close = difflib.get_close_matches(command, known, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         return f"unknown command {command!r}{hint} (list_commands shows all {len(known)} commands)"

@@ -64,6 +64,9 @@ class Unauthorized(AgentError):
     code = "unauthorized"
 
 
+WRONG_TOKEN = "missing or wrong token: send the agent's token in the 'token' field of every request"
+
+
 class TooLarge(AgentError):
     code = "too_large"
 

@@ -21,6 +21,8 @@ Nothing here imports asyncio; it is tested with plain function calls.
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 from typing import Any, Dict, List, Optional, Union
 
@@ -33,7 +35,18 @@ DEFAULT_READ_SIZE = 64 * 1024  # bytes one read may return; the buffer lives as 
 RequestId = Union[str, int, float, None]
 
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-_decoder = json.JSONDecoder()
+_ascii_encoder = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+MAX_INT_DIGITS = 4300  # Python 3.11's own limit: longer integers cost quadratic time to parse
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits; at most {MAX_INT_DIGITS} are accepted")
+    return int(text)
+
+
+# Interpreters that predate the limit on integer digits (CPython gh-95778) get it here.
+_decoder = json.JSONDecoder() if hasattr(sys, "get_int_max_str_digits") else json.JSONDecoder(parse_int=_bounded_int)
 
 
 def _decode(text: str) -> Any:
@@ -45,11 +58,14 @@ def _decode(text: str) -> Any:
     the other exactly as ``json.loads`` would.
     """
     try:
-        obj, end = _decoder.raw_decode(text)
-    except ValueError:
-        return _decoder.decode(text)
-    if end != len(text):
-        return _decoder.decode(text)
+        try:
+            obj, end = _decoder.raw_decode(text)
+        except ValueError:
+            return _decoder.decode(text)
+        if end != len(text):
+            return _decoder.decode(text)
+    except RecursionError:  # a C stack's worth of nested brackets
+        raise ValueError("arrays or objects are nested too deeply") from None
     return obj
 
 
@@ -72,14 +88,18 @@ class LineReader:
         self.max_line_bytes = max_line_bytes
         self.read_size = read_size
         self.overflowed = False
-        self._tail = bytearray()
+        # The unfinished line, as the chunks it arrived in: joined once, when it is whole. A growing
+        # bytearray would be reallocated (and copied) as it grows; under many large unfinished lines
+        # that doubled the memory they held.
+        self._tail: List[bytes] = []
+        self._tail_bytes = 0
         self._array = bytearray()  # the reused read buffer, allocated at the first read
         self._buffer: Optional[memoryview] = None  # a view of it, for slicing without copying
 
     @property
     def pending_bytes(self) -> int:
         """How many bytes of an unfinished line are buffered."""
-        return len(self._tail)
+        return self._tail_bytes
 
     def get_buffer(self) -> memoryview:
         """Where the next read should land (for ``asyncio.BufferedProtocol.get_buffer``).
@@ -119,14 +139,16 @@ class LineReader:
             line = data[:-2] if data.endswith(b"\r\n") else data[:-1]
             return [line] if line and not line.isspace() else []
         if b"\n" not in data:
-            self._tail += data
+            self._tail.append(data)
+            self._tail_bytes += len(data)
             self._check_tail()
             return []
         pieces = data.split(b"\n")
         if self._tail:
-            self._tail += pieces[0]
-            pieces[0] = bytes(self._tail)
-        self._tail = bytearray(pieces.pop())
+            self._tail.append(pieces[0])
+            pieces[0] = b"".join(self._tail)
+        last = pieces.pop()
+        self._tail, self._tail_bytes = ([last] if last else []), len(last)
         lines: List[bytes] = []
         for line in pieces:
             if len(line) > self.max_line_bytes:
@@ -139,6 +161,10 @@ class LineReader:
         self._check_tail()
         return lines
 
+    def discard(self) -> None:
+        """Drop the unfinished line (the connection is closing): its memory goes now."""
+        self._tail, self._tail_bytes = [], 0
+
     def too_large_error(self) -> TooLarge:
         return TooLarge(
             f"request line is larger than the agent's limit of {self.max_line_bytes} bytes; "
@@ -146,12 +172,12 @@ class LineReader:
         )
 
     def _check_tail(self) -> None:
-        if len(self._tail) > self.max_line_bytes:
+        if self._tail_bytes > self.max_line_bytes:
             self._overflow()
 
     def _overflow(self) -> None:
         self.overflowed = True
-        self._tail = bytearray()
+        self._tail, self._tail_bytes = [], 0
 
 
 class Request:
@@ -190,7 +216,18 @@ def request_id_of(line: bytes) -> tuple:
 
 
 def _valid_id(value: Any) -> bool:
-    return value is None or (isinstance(value, (str, int, float)) and not isinstance(value, bool))
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or (isinstance(value, (str, int)) and not isinstance(value, bool))
+
+
+def _is_text(value: str) -> bool:
+    """False for a string JSON allows but Unicode does not: a lone surrogate such as ``"\\ud800"``."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_request(line: bytes) -> Request:
@@ -212,12 +249,16 @@ def parse_request(line: bytes) -> Request:
     has_id = "id" in obj
     request_id = obj.get("id")
     if has_id and not _valid_id(request_id):
-        raise BadRequest(f"'id' must be a string or a number, got {_json_type(request_id)}")
+        raise BadRequest(f"'id' must be a string or a finite number, got {_json_type(request_id)}")
+    if isinstance(request_id, str) and not _is_text(request_id):
+        raise BadRequest("'id' is not valid Unicode text (it holds a lone surrogate such as \\ud800)")
     command = obj.get("command")
     if command is None:
         raise BadRequest("request has no 'command' field; send {\"command\": \"<name>\", ...}")
     if not isinstance(command, str) or not command:
         raise BadRequest(f"'command' must be a non-empty string, got {_json_type(command)}")
+    if not _is_text(command):
+        raise BadRequest("'command' is not valid Unicode text (it holds a lone surrogate such as \\ud800)")
     return Request(command=command.lower(), args=obj, id=request_id, has_id=has_id)
 
 
@@ -247,8 +288,16 @@ def finish_reply(reply: Dict[str, Any], request_id: RequestId = None, has_id: bo
 
 
 def encode_message(message: Dict[str, Any]) -> bytes:
-    """One JSON object as one line of UTF-8 bytes. Raises ``ValueError``/``TypeError`` if not JSON."""
-    return (_encoder.encode(message) + "\n").encode("utf-8")
+    """One JSON object as one line of UTF-8 bytes. Raises ``ValueError``/``TypeError`` if not JSON.
+
+    A string that is not valid Unicode (a lone surrogate, which JSON allows
+    as ``\\ud800``) is sent escaped, as JSON spells it, instead of failing.
+    """
+    text = _encoder.encode(message)
+    try:
+        return (text + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (_ascii_encoder.encode(message) + "\n").encode("ascii")
 
 
 def encode_shared_request(message: Dict[str, Any]) -> bytes:

@@ -59,10 +59,7 @@ class Recovery:
     async def start(self) -> None:
         """Finish what the last run left half done, then load every handler file."""
         run = self.pipeline.run
-        await run(self.store.ensure_dirs)
-        await run(self.records.ensure_dir)
-        await run(self.quarantine.ensure_dir)
-        for record in await run(self.records.pending):
+        for record in await run(self._prepare_storage):
             await self._recover(record, "the agent stopped while loading it (it crashed, was killed or hung, "
                                         "or the device lost power)")
         for name in await run(self.store.live_names):
@@ -72,6 +69,13 @@ class Recovery:
                 self.registry.mark_failed(name, f"could not be read or recorded: {os_reason(exc)}")
                 self.finding(name, "storage_error", f"handlers/{name}.py: the device's storage failed while "
                              f"loading it ({os_reason(exc)}); it is not loaded", error=True)
+
+    def _prepare_storage(self) -> List[ActivationRecord]:
+        """Create the folders; the activation records the last run left. Blocking, in one worker hop."""
+        self.store.ensure_dirs()
+        self.records.ensure_dir()
+        self.quarantine.ensure_dir()
+        return self.records.pending()
 
     def close(self) -> None:
         for task in list(self._background):

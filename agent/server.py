@@ -14,20 +14,28 @@ the connection stops reading, and while the client does not read its replies
 
 A task that is running when its client disconnects is *not* cancelled: it may
 be a deploy halfway through its steps, and those must finish or not start.
+
+Who may stay connected under pressure (eviction at the connection limit, the
+slow-line and idle deadlines, the memory budget for unfinished lines) is
+decided by ``admission``; this module applies its verdicts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+import time
+from collections import Counter, deque
 from typing import Any, Deque, Optional, Set, Tuple, Union
 
+from .admission import ConnectionState, Deadlines, FailedLogins, expired, over_budget, pick_victim
 from .dispatch import Dispatcher
-from .errors import AgentError, Busy, InternalError, ShuttingDown
+from .errors import WRONG_TOKEN, AgentError, Busy, InternalError, ShuttingDown, Timeout, TooLarge, Unauthorized
 from .protocol import LineReader, error_line, parse_request, request_id_of
 
 log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL = 1.0  # seconds between checks of the connection deadlines
 
 
 class _InFlight:
@@ -56,7 +64,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._draining = False
         self._paused_pipeline = False
         self._paused_writing = False
-        self._idle_handle: Optional[asyncio.TimerHandle] = None
+        now = server.now()
+        self.state = ConnectionState(opened=now, last_read=now)
         self.peer: Any = None
         self.flushed: Optional[asyncio.Future] = None
 
@@ -67,13 +76,15 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport = transport
         self.peer = transport.get_extra_info("peername")
         server = self._server
+        if len(server.connections) >= server.max_connections and not server.closing:
+            server.make_room()
         if len(server.connections) >= server.max_connections or server.closing:
             reason = (
                 ShuttingDown("the agent is shutting down; reconnect in a moment")
                 if server.closing
                 else Busy(
-                    f"the agent already has {server.max_connections} connections open; "
-                    "close idle ones or retry later"
+                    f"the agent already has {server.max_connections} connections open, each working "
+                    "for its client; retry in a moment"
                 )
             )
             transport.write(error_line(reason))
@@ -82,7 +93,6 @@ class _Connection(asyncio.BufferedProtocol):
             server.refused_connections += 1
             return
         server.connections.add(self)
-        self._arm_idle_timer()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._reader.get_buffer()
@@ -90,7 +100,10 @@ class _Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self._closed or self._close_when_flushed:
             return
-        self._arm_idle_timer()
+        state = self.state
+        state.last_read = now = self._server.now()
+        if state.line_started is None:
+            state.line_started = now
         for line in self._reader.buffer_updated(nbytes):
             if self._draining:
                 has_id, request_id = request_id_of(line)
@@ -102,6 +115,11 @@ class _Connection(asyncio.BufferedProtocol):
             self._enqueue(error_line(self._reader.too_large_error()))
             self._close_when_flushed = True
             self._flush()
+        held = self._reader.pending_bytes
+        if not held:
+            state.line_started = None
+        before, state.buffered = state.buffered, held
+        self._server.hold(before, held)
 
     def eof_received(self) -> bool:
         # The client is done sending; answer what it asked, then close.
@@ -111,7 +129,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._closed = True
-        self._cancel_idle_timer()
+        self._server.release(self)
         self._server.connections.discard(self)
         self._pending.clear()
         self._resolve_flushed()
@@ -133,7 +151,13 @@ class _Connection(asyncio.BufferedProtocol):
             has_id, request_id = request_id_of(line)
             self._enqueue(error_line(exc, request_id, has_id))
             return
-        outcome = self._dispatcher.handle(request)
+        if not self._dispatcher.token_ok(request):
+            self._server.login_failed(self.peer)
+            self._enqueue(error_line(Unauthorized(WRONG_TOKEN), request.id, request.has_id))
+            return
+        self.state.authenticated = True
+        self.state.last_active = self._server.now()
+        outcome = self._dispatcher.handle(request, authorized=True)
         if isinstance(outcome, bytes):
             self._enqueue(outcome)
         else:
@@ -192,27 +216,23 @@ class _Connection(asyncio.BufferedProtocol):
         elif self._transport.is_reading() is False:
             self._transport.resume_reading()
 
-    # Idle timeout (off by default)
+    # Admission
 
-    def _arm_idle_timer(self) -> None:
-        timeout = self._server.idle_timeout
-        if timeout is None:
+    def snapshot(self) -> ConnectionState:
+        """The state ``admission`` judges, brought up to date."""
+        self.state.in_flight = len(self._pending)
+        return self.state
+
+    def close_with(self, error: AgentError) -> None:
+        """Say why, and close now: the connection is evicted, over a deadline, or over the memory budget."""
+        if self._closed or self._transport is None:
             return
-        self._cancel_idle_timer()
-        self._idle_handle = asyncio.get_running_loop().call_later(timeout, self._idle)
-
-    def _cancel_idle_timer(self) -> None:
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
-
-    def _idle(self) -> None:
-        if self._pending:  # still working for this client: not idle
-            self._arm_idle_timer()
-            return
-        log.info("closing idle connection from %s", self.peer)
-        if self._transport is not None:
-            self._transport.close()
+        self._closed = True
+        self._server.connections.discard(self)
+        self._server.release(self)
+        self._reader.discard()
+        self._transport.write(error_line(error))
+        self._transport.close()
 
     # Shutdown
 
@@ -255,17 +275,75 @@ class AgentServer:
         max_connections: int,
         max_line_bytes: int,
         max_pipelined: int,
-        idle_timeout: Optional[float],
+        deadlines: Deadlines = Deadlines(),
+        max_buffered_bytes: int,
     ) -> None:
         self.dispatcher = dispatcher
         self.max_connections = max_connections
         self.max_line_bytes = max_line_bytes
         self.max_pipelined = max_pipelined
-        self.idle_timeout = idle_timeout
+        self.deadlines = deadlines
+        self.max_buffered_bytes = max_buffered_bytes
         self.connections: Set[_Connection] = set()
         self.refused_connections = 0
+        self.evicted_connections = 0
+        self.buffered = 0  # bytes of unfinished lines, all connections
         self.closing = False
+        self.failed_logins = FailedLogins()
+        self.now = time.monotonic
         self._server: Optional[asyncio.AbstractServer] = None
+        self._sweeper: Optional[asyncio.TimerHandle] = None
+        self._closed_since_sweep: Counter = Counter()
+
+    # Admission (see ``admission``)
+
+    def make_room(self) -> None:
+        """At the limit: evict a stranger or the longest idle connection, so that a newcomer gets in."""
+        victim = pick_victim((conn, conn.snapshot()) for conn in self.connections)
+        if victim is not None:
+            self.evicted_connections += 1
+            self._closed_since_sweep["evicted to make room for new ones"] += 1
+            victim.close_with(Busy(f"the agent is at its limit of {self.max_connections} connections and "
+                                   "this one was idle or not authenticated: it was closed to let another in"))
+
+    def hold(self, before: int, after: int) -> None:
+        """A connection's unfinished line went from ``before`` to ``after`` bytes; enforce the budget."""
+        self.buffered += after - before
+        if self.buffered <= self.max_buffered_bytes:
+            return
+        for conn in over_budget(((c, c.snapshot()) for c in self.connections), self.max_buffered_bytes):
+            self._closed_since_sweep[f"closed: unfinished requests held more than {self.max_buffered_bytes} "
+                                     "bytes in all"] += 1
+            conn.close_with(TooLarge(
+                f"the agent holds more than {self.max_buffered_bytes} bytes of unfinished requests across its "
+                "connections, and this one held the most: it was closed; send the request again"))
+
+    def release(self, conn: "_Connection") -> None:
+        """A connection is going: what it held no longer counts."""
+        self.buffered -= conn.state.buffered
+        conn.state.buffered = 0
+
+    def login_failed(self, peer: Any) -> None:
+        line = self.failed_logins.record(peer[0] if isinstance(peer, tuple) else str(peer), self.now())
+        if line is not None:
+            log.warning("%s", line)
+
+    def _sweep(self) -> None:
+        """Once a second: close connections past a deadline, and say in one line each what was closed and why.
+
+        One line per kind and second, not one per connection: under attack,
+        the agent's log must not become the attack.
+        """
+        now = self.now()
+        for conn in list(self.connections):
+            why = expired(conn.snapshot(), self.deadlines, now)
+            if why is not None:
+                self._closed_since_sweep[f"closed: {why}"] += 1
+                conn.close_with(Timeout(f"connection closed: {why}"))
+        for why, count in self._closed_since_sweep.items():
+            log.warning("%d connection(s) %s", count, why)
+        self._closed_since_sweep.clear()
+        self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
 
     async def start(self, host: str, port: int) -> Tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -274,12 +352,15 @@ class AgentServer:
         self._server = await loop.create_server(
             lambda: _Connection(self), host, port, backlog=1024, reuse_address=True
         )
+        self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
     async def close(self, grace: float) -> None:
         """Stop accepting, answer (or refuse) what was already received, then close everything."""
         self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         draining = {conn: conn.start_draining() for conn in list(self.connections)}

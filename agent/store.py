@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -40,6 +39,8 @@ _BACKUP_NAME = re.compile(r"^handlers_([A-Za-z][A-Za-z0-9_]*)\.py_(\d{8}_\d{6})(
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that readers see the old or the new bytes, whole."""
     folder = path.parent
+    import tempfile  # here, not at the top: the agent's start time is mostly imports
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:

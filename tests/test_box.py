@@ -10,6 +10,7 @@ Each case names the protections that stop it; where the kernel refuses all of
 them, the case is skipped with their names.
 """
 
+import asyncio
 import os
 import shutil
 import socket
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Client, visible_folder
+from conftest import REPLY_TIMEOUT, Client, visible_folder
 from fleet.local import free_port
 from test_deploy import deploy
 
@@ -124,6 +125,17 @@ def boxed_agent(request, spawn_agent):
     shutil.rmtree(folder, ignore_errors=True)
 
 
+async def isolation_of(client) -> dict:
+    """``get_status.isolation``, once the agent's probe of its box has answered (it runs after start)."""
+    deadline = asyncio.get_running_loop().time() + REPLY_TIMEOUT
+    while True:
+        status = await client.call("get_status", token=TOKEN)
+        if status["isolation"] is not None:
+            return status
+        assert asyncio.get_running_loop().time() < deadline, "the agent never reported its box"
+        await asyncio.sleep(0.02)
+
+
 def skip_unless_any(status, protections):
     missing = status["isolation"]["missing"]
     if all(name in missing for name in protections):
@@ -158,7 +170,7 @@ async def test_refused_code_leaves_nothing_behind(boxed_agent, flag_dir, tmp_pat
                 agent_pid=agent.proc.pid, root=agent.root)
     client = await Client.connect(agent.address)
     try:
-        status = await client.call("get_status", token=TOKEN)
+        status = await isolation_of(client)
         skip_unless_any(status, protections)
         reply = await deploy(client, "attack.py", code, token=TOKEN)
         assert reply["code"] == "import_failed" and "refused on purpose" in reply["error"], reply
@@ -189,7 +201,7 @@ async def test_the_box_reports_its_protections_and_the_agent_logs_them(boxed_age
     agent = start()
     client = await Client.connect(agent.address)
     try:
-        isolation = (await client.call("get_status", token=TOKEN))["isolation"]
+        isolation = (await isolation_of(client))["isolation"]
     finally:
         await client.close()
     assert {"clean_environment", "throwaway_home"} <= set(isolation["active"])

@@ -106,7 +106,13 @@ def test_parse_request_lowercases_command_and_keeps_id():
         (b'{"id": 1}', BadRequest, "no 'command'"),
         (b'{"command": 5}', BadRequest, "must be a non-empty string"),
         (b'{"command": ""}', BadRequest, "must be a non-empty string"),
-        (b'{"command": "ping", "id": {"a": 1}}', BadRequest, "'id' must be a string or a number"),
+        (b'{"command": "ping", "id": {"a": 1}}', BadRequest, "'id' must be a string or a finite number"),
+        (b'{"command": "ping", "id": 1e999}', BadRequest, "'id' must be a string or a finite number"),
+        (b'{"command": "ping", "id": "\\ud800"}', BadRequest, "'id' is not valid Unicode text"),
+        (b'{"command": "p\\udfffng"}', BadRequest, "'command' is not valid Unicode text"),
+        (b"[" * 100_000 + b"]" * 100_000, InvalidJSON, "nested too deeply"),
+        (b'{"command": "ping", "a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", InvalidJSON, "nested too deeply"),
+        (b'{"command": "ping", "n": ' + b"9" * 5000 + b"}", InvalidJSON, "4300 digits"),
     ],
 )
 def test_parse_request_errors_say_what_is_wrong(line, error, words):
@@ -155,3 +161,9 @@ def test_a_shared_request_addressed_to_each_device():
     assert _json.loads(address_request(encode_shared_request({}), 3)) == {"id": 3}
     assert _json.loads(address_request(encode_shared_request({"token": "t"}), 4, token_field("s"))) == {"id": 4, "token": "s"}
     assert address_request(shared, 1).endswith(b"\n") and address_request(shared, 1).count(b"\n") == 1
+
+
+def test_a_reply_carrying_a_lone_surrogate_is_sent_escaped_as_json_spells_it():
+    line = encode_message({"id": "\ud800", "error": "bad"})
+    assert line == b'{"id":"\\ud800","error":"bad"}\n'
+    assert decode_message(line)["id"] == "\ud800"  # the client gets back exactly what it sent

@@ -103,20 +103,33 @@ async def test_idle_timeout_closes_a_silent_connection_when_enabled(start_agent,
     assert (await fresh.call("ping"))["success"] is True
 
 
-async def test_connections_over_the_limit_are_refused_politely(start_agent, connect):
-    agent = await start_agent(max_connections=3)
+async def test_at_the_limit_a_newcomer_evicts_the_longest_idle_and_is_refused_only_when_all_work(
+        start_agent, connect, flag_dir):
+    flag = flag_dir / "release"
+    blocks = f"import os, time\ndef handle_block(data):\n    while not os.path.exists({str(flag)!r}):\n" \
+             "        time.sleep(0.01)\n    return {}\n"
+    agent = await start_agent(max_connections=3, handlers={"slow": blocks})
     kept = [await connect(agent) for _ in range(3)]
     for client in kept:
         assert (await client.call("ping"))["success"]
     extra = await connect(agent)
-    reply = await extra.reply()
-    assert reply["code"] == "busy" and "3 connections" in reply["error"]
-    assert await extra.closed_by_peer()
-    await kept[0].close()
-    await wait_until(lambda: len(agent.server.connections) == 2, what="the agent to see the close")
-    retry = await connect(agent)
-    assert (await retry.call("ping"))["message"] == "pong"
-    assert agent.server.refused_connections == 1
+    assert (await extra.call("ping"))["message"] == "pong"  # it got in
+    evicted = await kept[0].reply()
+    assert evicted["code"] == "busy" and "to let another in" in evicted["error"]
+    assert await kept[0].closed_by_peer()
+    try:
+        for client in kept[1:] + [extra]:
+            await client.send({"command": "block"})
+        await wait_until(lambda: sum(len(c._pending) for c in agent.server.connections) == 3, what="3 calls")
+        refused = await connect(agent)
+        reply = await refused.reply()
+        assert reply["code"] == "busy" and "each working for its client" in reply["error"]
+        assert await refused.closed_by_peer()
+        assert agent.server.refused_connections == 1 and agent.server.evicted_connections == 1
+    finally:
+        flag.touch()
+    for client in kept[1:] + [extra]:  # the calls return once the flag is there
+        assert (await client.reply())["success"] is True
 
 
 async def test_client_half_close_still_gets_its_replies(start_agent):
