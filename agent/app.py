@@ -78,7 +78,8 @@ class Agent:
 
     def _build_deploy_side(self, config: AgentConfig, tester: Optional[ImportTester]) -> None:
         state = config.root / ".state"
-        self.store = HandlerStore(config.root, keep_backups=config.keep_backups)
+        self.store = HandlerStore(config.root, keep_backups=config.keep_backups,
+                                  max_backup_bytes=config.max_backup_bytes)
         self.quarantine = Quarantine(state)
         self.tester = tester or ImportTester(timeout=config.import_timeout, memory_mb=config.import_memory_mb,
                                              agent_root=config.root, sandbox_user=config.sandbox_user,

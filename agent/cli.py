@@ -39,6 +39,7 @@ from .config import (
 )
 from .admission import DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_UNAUTHENTICATED_IDLE
 from .protocol import DEFAULT_MAX_LINE_BYTES
+from .store import DEFAULT_MAX_BACKUP_BYTES, DEFAULT_MAX_HANDLER_FILES
 
 log = logging.getLogger("agent")
 
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"address-space limit of the import test process (default {DEFAULT_IMPORT_MEMORY_MB})")
     limits.add_argument("--keep-backups", type=int, default=DEFAULT_KEEP_BACKUPS,
                         help=f"backups kept per handler file (default {DEFAULT_KEEP_BACKUPS})")
+    limits.add_argument("--max-backup-bytes", type=int, default=DEFAULT_MAX_BACKUP_BYTES,
+                        help="all backups together; older versions of the files with the most go first, the newest "
+                             f"of each file stays (default {DEFAULT_MAX_BACKUP_BYTES})")
+    limits.add_argument("--max-handler-files", type=int, default=DEFAULT_MAX_HANDLER_FILES,
+                        help=f"handler files on the device; a push of one more is refused (default {DEFAULT_MAX_HANDLER_FILES})")
     limits.add_argument("--max-stuck-threads", type=int, default=DEFAULT_MAX_STUCK_THREADS,
                         help="handler calls and module loads still running past their time limits before "
                              f"get_status says so (and --supervised exits) (default {DEFAULT_MAX_STUCK_THREADS})")
@@ -161,6 +167,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         handler_threads=args.handler_threads,
         import_memory_mb=args.import_memory_mb,
         keep_backups=args.keep_backups,
+        max_backup_bytes=args.max_backup_bytes,
+        max_handler_files=args.max_handler_files,
         probation_seconds=args.probation_seconds,
         probation_calls=args.probation_calls,
         probation_failures=args.probation_failures,

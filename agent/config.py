@@ -14,6 +14,7 @@ from typing import Mapping, Optional
 
 from .admission import DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_UNAUTHENTICATED_IDLE
 from .protocol import DEFAULT_MAX_LINE_BYTES
+from .store import DEFAULT_MAX_BACKUP_BYTES, DEFAULT_MAX_HANDLER_FILES
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3000
@@ -66,6 +67,8 @@ class AgentConfig:
     handler_threads: int = DEFAULT_HANDLER_THREADS
     import_memory_mb: int = DEFAULT_IMPORT_MEMORY_MB
     keep_backups: int = DEFAULT_KEEP_BACKUPS
+    max_backup_bytes: int = DEFAULT_MAX_BACKUP_BYTES  # all of .backups/ together
+    max_handler_files: int = DEFAULT_MAX_HANDLER_FILES
     max_stuck_threads: int = DEFAULT_MAX_STUCK_THREADS
     # Probation
     probation_seconds: float = DEFAULT_PROBATION_SECONDS
@@ -86,7 +89,7 @@ class AgentConfig:
             raise ConfigError(f"idle_timeout must be positive or unset, got {self.idle_timeout}")
         for name in (
             "max_line_bytes", "max_buffered_bytes", "max_connections", "max_pipelined", "handler_threads",
-            "import_memory_mb", "keep_backups", "probation_calls", "probation_failures", "max_stuck_threads",
+            "import_memory_mb", "keep_backups", "max_backup_bytes", "max_handler_files", "probation_calls", "probation_failures", "max_stuck_threads",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

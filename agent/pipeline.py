@@ -44,13 +44,13 @@ from .backups import choose_backup, previous_version
 from .changes import Change, Outcome, Removal, Untouched, log_entry, made_anyway, os_reason, refused, storage_failed
 from .checks import CheckReport, Issue, check_code
 from .config import AgentConfig
-from .errors import ChecksumMismatch, ImportFailed, LoadFailed, NotFound, Quarantined, ValidationFailed
+from .errors import ChecksumMismatch, ImportFailed, LoadFailed, NotFound, Quarantined, StorageFailed, ValidationFailed
 from .isolation import ImportResult, ImportTester
 from .loader import Activation, Loader
 from .probation import Probation, ProbationRule
 from .registry import LoadedModule, Registry, compile_module, sha256_hex
 from .source import decode_source
-from .store import HandlerStore
+from .store import BackupBudgetExceeded, HandlerStore
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,8 @@ class DeployPipeline:
         report, commands = await self.vet(name, text)
         if dry_run:
             return Outcome(name, version, live_version, commands, report, started, dry_run=True)
+        if change.writes_file and live is None:
+            await self._room_for_a_file(name)
         backup = await self._write(name, source, live) if change.writes_file else None
         fallback = live_version if change.writes_file else await self.fallback_for(name, version)
         record = ActivationRecord(name, version, fallback, change.action)
@@ -225,6 +227,14 @@ class DeployPipeline:
             raise refused(ValidationFailed, filename, report, f"Runtime test failed: {clashes[0]}")
         return report, result.commands
 
+    async def _room_for_a_file(self, name: str) -> None:
+        """A new handler file must fit ``max_handler_files``: any name is accepted, so the count is capped."""
+        count, limit = len(await self.run(self.store.live_names)), self.config.max_handler_files
+        if count >= limit:
+            raise StorageFailed(
+                f"the device already has {count} handler files, its limit (--max-handler-files {limit}); nothing "
+                f"was changed: delete one it no longer needs (delete_handler) before adding handlers/{name}.py")
+
     async def _write(self, name: str, source: bytes, live: Optional[bytes]) -> Optional[str]:
         """Back up the live file and write the new one; the backup's name. Nothing changed on failure."""
         backup = None
@@ -232,6 +242,8 @@ class DeployPipeline:
             if live is not None:
                 backup = await self.run(self.store.create_backup, name, live)
             await self.run(self.store.write_live, name, source)
+        except BackupBudgetExceeded as exc:
+            raise StorageFailed(f"could not back up handlers/{name}.py: {exc.strerror}; nothing was changed") from None
         except OSError as exc:  # the live file is written atomically: it is still the old one
             if backup is not None:
                 await self._recorded(f"removing the backup {backup} again", self.store.remove_backup, backup)

@@ -17,6 +17,7 @@ All methods block on disk I/O; the pipeline calls them from a worker thread.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -31,9 +32,15 @@ log = logging.getLogger(__name__)
 
 LOG_FILE = "update_log.jsonl"
 # Limits
+DEFAULT_MAX_BACKUP_BYTES = 128 * 1024 * 1024  # all of .backups/ together
+DEFAULT_MAX_HANDLER_FILES = 64
 LOG_ROTATE_BYTES = 1024 * 1024  # one old generation is kept as update_log.jsonl.1
 
 _BACKUP_NAME = re.compile(r"^handlers_([A-Za-z][A-Za-z0-9_]*)\.py_(\d{8}_\d{6})(?:_(\d+))?\.backup$")
+
+
+class BackupBudgetExceeded(OSError):
+    """A backup would pass ``max_backup_bytes`` even after pruning: the push is refused, nothing changes."""
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -66,13 +73,14 @@ def fsync_dir(folder: Path) -> None:
 
 
 class HandlerStore:
-    def __init__(self, root: Path, *, keep_backups: int) -> None:
+    def __init__(self, root: Path, *, keep_backups: int, max_backup_bytes: int = DEFAULT_MAX_BACKUP_BYTES) -> None:
         self.root = root
         self.handlers_dir = root / "handlers"
         self.backups_dir = root / ".backups"
         self.good_dir = root / ".state" / "good"
         self.log_path = root / ".state" / LOG_FILE
         self.keep_backups = keep_backups
+        self.max_backup_bytes = max_backup_bytes
 
     def ensure_dirs(self) -> None:
         for folder in (self.handlers_dir, self.backups_dir, self.good_dir):
@@ -137,7 +145,12 @@ class HandlerStore:
     # Backups
 
     def create_backup(self, name: str, data: bytes) -> str:
-        """Write a backup of ``data``; return its path relative to the root (as the seed shows it)."""
+        """Write a backup of ``data``; return its path relative to the root (as the seed shows it).
+
+        Raises ``BackupBudgetExceeded`` (an ``OSError``) and writes nothing when
+        it cannot fit in ``max_backup_bytes`` even after pruning.
+        """
+        self._make_room(len(data))
         stamp = time.strftime("%Y%m%d_%H%M%S")
         base = f"handlers_{name}.py_{stamp}"
         # Number past the highest suffix used in this second, never into a gap that
@@ -195,6 +208,33 @@ class HandlerStore:
 
     def remove_backup(self, relative: str) -> None:
         (self.root / relative).unlink(missing_ok=True)
+
+    def _make_room(self, size: int) -> None:
+        """Remove backups until ``size`` more bytes fit the budget: the oldest backups of the files with
+        the most versions first; the newest backup of every file is kept."""
+        entries = self.backups()
+        total = sum(entry["size"] for entry in entries) + size
+        if total <= self.max_backup_bytes:
+            return
+        by_file: Dict[str, List[Dict[str, Any]]] = {}
+        for entry in entries:  # newest first
+            by_file.setdefault(entry["file"], []).append(entry)
+        spare = [(len(versions), -entry["created"], entry) for versions in by_file.values() for entry in versions[1:]]
+        spare.sort(key=lambda item: (-item[0], -item[1]))  # most versions first, then the oldest
+        chosen = []
+        for _, _, entry in spare:
+            if total <= self.max_backup_bytes:
+                break
+            chosen.append(entry)
+            total -= entry["size"]
+        if total > self.max_backup_bytes:
+            raise BackupBudgetExceeded(errno.ENOSPC, (
+                f"the backups would pass their budget of {self.max_backup_bytes} bytes even without every "
+                "older version (the newest backup of each file is always kept); raise --max-backup-bytes "
+                "or delete handler files you no longer need"))
+        for entry in chosen:
+            (self.backups_dir / entry["backup"]).unlink(missing_ok=True)
+            log.info("removed backup %s to stay within %d bytes of backups", entry["backup"], self.max_backup_bytes)
 
     def _prune(self, name: str) -> None:
         for entry in self.backups(name)[self.keep_backups:]:

@@ -536,3 +536,14 @@ async def test_a_deploy_that_landed_but_could_not_be_logged_says_both(tmp_path, 
         assert (await client.call("version"))["version"] == 1
     finally:
         await client.close()
+
+
+async def test_a_push_past_the_handler_file_cap_is_a_storage_error_that_changes_nothing(start_agent, connect):
+    agent = await start_agent(max_handler_files=1)
+    client = await connect(agent)
+    await deploy(client, "ver.py", version_module(1))
+    reply = await deploy(client, "other.py", "def handle_other(data):\n    return {}\n")
+    assert reply["code"] == "storage_error" and "--max-handler-files 1" in reply["error"]
+    assert [p.name for p in agent.store.handlers_dir.iterdir()] == ["ver.py"]
+    assert (await client.call("other"))["code"] == "unknown_command"
+    assert (await client.call("update_log"))["entries"][0]["file"] == "ver.py"

@@ -3,7 +3,7 @@
 import pytest
 
 from agent.changes import Untouched
-from agent.errors import ChecksumMismatch, Quarantined, ValidationFailed
+from agent.errors import ChecksumMismatch, Quarantined, StorageFailed, ValidationFailed
 from conftest import sha
 from test_deploy import version_module
 
@@ -43,3 +43,39 @@ async def test_a_quarantined_version_needs_force_and_force_takes_it_out(start_ag
         await agent.pipeline.update("ver", code)
     assert (await agent.pipeline.update("ver", code, force=True)).version == sha(version_module(3))
     assert agent.quarantine.entries() == []
+
+
+def module(name: str, n: int, pad: int = 0) -> bytes:
+    """Version ``n`` of handler ``name`` (its own command), ``pad`` bytes longer."""
+    return (f"VERSION = {n}\ndef handle_{name}_version(data):\n    return {{'version': VERSION}}\n"
+            + "#" * pad + "\n").encode()
+
+
+async def test_a_new_file_past_the_handler_file_cap_is_refused_and_changes_nothing(start_agent):
+    agent = await start_agent(max_handler_files=2)
+    for name in ("a", "b"):
+        await agent.pipeline.update(name, module(name, 1))
+    with pytest.raises(StorageFailed, match="already has 2 handler files"):
+        await agent.pipeline.update("c", module("c", 1))
+    assert sorted(p.name for p in agent.store.handlers_dir.iterdir()) == ["a.py", "b.py"]
+    assert "c" not in agent.registry.modules
+    assert (await agent.pipeline.update("a", module("a", 2))).backup is not None  # a new version still fits
+
+
+async def test_backups_stay_within_their_budget_and_the_newest_of_each_file_stays(start_agent):
+    agent = await start_agent(max_backup_bytes=5000)
+    for n in range(1, 8):  # six backups of ~1 KB would pass 5,000 bytes
+        await agent.pipeline.update("a", module("a", n, 1000))
+    await agent.pipeline.update("b", module("b", 1, 1000))
+    await agent.pipeline.update("b", module("b", 2, 1000))
+    assert sum(entry["size"] for entry in agent.store.backups()) <= 5000
+    newest = {}
+    for entry in agent.store.backups():  # newest first
+        newest.setdefault(entry["file"], entry["backup"])
+    assert agent.store.read_backup("a", newest["a.py"]) == module("a", 6, 1000)
+    assert agent.store.read_backup("b", newest["b.py"]) == module("b", 1, 1000)
+    await agent.pipeline.update("c", module("c", 1, 6000))  # no backup needed: a new file
+    with pytest.raises(StorageFailed, match="budget of 5000 bytes"):  # backing up c@1 alone would pass it
+        await agent.pipeline.update("c", module("c", 2))
+    assert (agent.store.handlers_dir / "c.py").read_bytes() == module("c", 1, 6000)
+    assert agent.registry.modules["c"].sha256 == sha(module("c", 1, 6000).decode())
