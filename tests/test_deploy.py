@@ -80,36 +80,12 @@ async def test_seed_broken_code_gets_the_syntax_error_and_nothing_breaks(start_a
     assert (await client.call("camera_status"))["success"] is True
 
 
+# Over real sockets, a few of each; every case is in test_lint.py, called directly.
 DANGEROUS = {
     "os.system": "import os\nos.system('ls')\n",
-    "import alias": "import os as o\no.system('ls')\n",
-    "from import alias": "from os import system as s\ns('ls')\n",
-    "rebinding": "import os\nrun = os.system\nrun('ls')\n",
-    "os.popen": "import os\nos.popen('ls')\n",
-    "os.exec": "import os\nos.execv('/bin/ls', ['ls'])\n",
-    "os.spawn": "from os import spawnlp\nspawnlp(0, 'ls', 'ls')\n",
     "shell=True": "import subprocess\nsubprocess.run('ls', shell=True)\n",
-    "Popen shell=True": "from subprocess import Popen\nPopen('ls', shell=1)\n",
-    "getoutput": "import subprocess\nsubprocess.getoutput('ls')\n",
-    "eval": "eval('1 + 1')\n",
-    "exec": "exec('x = 1')\n",
-    "compile": "compile('1', 'f', 'eval')\n",
-    "__import__": "__import__('os')\n",
-    "import_module": "import importlib\nimportlib.import_module('o' + 's')\n",
-    "import_module from": "from importlib import import_module as im\nim('os')\n",
-    "getattr computed": "import os\nname = 'sys' + 'tem'\ngetattr(os, name)('ls')\n",
-    "getattr literal": "import os\ngetattr(os, 'system')('ls')\n",
-    "rmtree root": "import shutil\nshutil.rmtree('/')\n",
-    "os.remove rooted": "import os\nos.remove('/etc/passwd')\n",
-    "rm -rf list": "import subprocess\nsubprocess.run(['rm', '-rf', '/home/pi'])\n",
-    "rm -r string": "import subprocess\ncmd = 'rm -r /home/pi/recordings'\nsubprocess.run(cmd.split())\n",
-    "pickle.loads": "import pickle\npickle.loads(b'x')\n",
-    "ctypes": "import ctypes\n",
-    "builtins write": "import builtins\nbuiltins.print = None\n",
-    "__builtins__ write": "__builtins__['open'] = None\n",
-    "setattr builtins": "import builtins\nsetattr(builtins, 'open', None)\n",
-    "passed as callback": "import os, threading\nthreading.Thread(target=os.system, args=('ls',))\n",
-    "shell subprocess": "import asyncio\nasyncio.create_subprocess_shell('ls')\n",
+    "sh -c in a list": "import subprocess\nsubprocess.run(['sh', '-c', 'ls'])\n",
+    "sys.modules": "import sys\nsys.modules['os'].system('ls')\n",
 }
 
 
@@ -138,13 +114,8 @@ def test_every_reason_is_listed_not_only_the_first():
 
 ALLOWED = {
     "Popen with a list": "import subprocess\ndef start():\n    return subprocess.Popen(['raspivid', '-o', 'x.h264'])\n",
-    "run with a list": "import subprocess\ndef ls():\n    subprocess.run(['ls', '-l'], shell=False, check=False)\n",
-    "mentions in comment and string": "# never call os.system('x')\nNOTE = 'os.system( is refused'\n",
-    "docstring mentions rm -rf": '"""Do not rm -rf anything."""\n',
-    "re.compile": "import re\nPATTERN = re.compile('a+')\n",
-    "getattr on data": "def f(obj, key):\n    return getattr(obj, key)\n",
-    "rm of a single file": "import subprocess\ndef clean():\n    subprocess.run(['rm', '/tmp/x.h264'])\n",
-    "optional import": "try:\n    import picamera2_not_here\nexcept ImportError:\n    picamera2_not_here = None\n",
+    "unlink under /tmp": "import os\ndef clean():\n    os.unlink('/tmp/camera.lock')\n",
+    "log says rm -rf": "import logging\nlogging.getLogger(__name__).info('never rm -rf the card')\n",
 }
 
 
