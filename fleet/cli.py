@@ -21,6 +21,7 @@ from . import tables
 from .errors import ConfigError
 from .fleet import DEFAULT_CONCURRENCY, Fleet
 from .inventory import Inventory, load_inventory
+from .text import lines, visible
 from .results import DeviceResult, Status, short
 from .rollout import RolloutPlan, deploy, read_handler
 
@@ -192,9 +193,8 @@ async def cmd_deploy(fleet: Fleet, inventory: Inventory, ids: List[str], args: a
           f"max failures {plan.max_failures}{', verify ' + plan.verify if plan.verify else ''}"
           f"{', DRY RUN' if plan.dry_run else ''}", file=sys.stderr, flush=True)
     report = await deploy(fleet, args.file, ids, plan, on_result=out.progress(len(ids)))
-    summary = f"{report.filename} version {short(report.version)}: {report.tally()} in {report.seconds:.1f}s"
-    if report.halted:
-        summary = f"HALTED: {report.halt_reason}\n{summary}"
+    summary = lines([f"HALTED: {report.halt_reason}"] * report.halted
+                    + [f"{report.filename} version {short(report.version)}: {report.tally()} in {report.seconds:.1f}s"])
     out.emit(report.as_dict(), tables.rollout_table(list(report.results.values())) + "\n\n" + summary)
     return EXIT_OK if report.ok else EXIT_FAILED
 
@@ -227,7 +227,7 @@ async def cmd_send(fleet: Fleet, inventory: Inventory, ids: List[str], args: arg
     if result.reply:  # the device's own words, whatever they say
         print(json.dumps(result.reply, indent=2))
     if not result.ok:
-        print(f"{args.device}: {result.status.value}: {result.error}", file=sys.stderr)
+        print(visible(f"{args.device}: {result.status.value}: {result.error}"), file=sys.stderr)
     return exit_code([result])
 
 
@@ -286,7 +286,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return asyncio.run(run(args))
     except ConfigError as exc:
-        print(f"fleet: {exc}", file=sys.stderr)
+        print(visible(f"fleet: {exc}"), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fleet: interrupted", file=sys.stderr)

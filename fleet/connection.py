@@ -25,6 +25,7 @@ from agent.protocol import LineReader, address_request, decode_message, encode_s
 
 from .errors import CommandTimeout, ConnectionLost, DeviceError, DeviceUnreachable, ProtocolError
 from .inventory import Device
+from .replies import reply_problem
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class DeviceConnection:
         self.log = _DeviceLogger(log, {"device": device.id})
         self._token_field = token_field(device.token)
         self._transport: Optional[asyncio.Transport] = None
-        self._pending: Dict[int, ReplyCallback] = {}
+        self._pending: Dict[int, Tuple[ReplyCallback, str]] = {}  # request id -> (callback, its command)
         self._connecting: Optional[asyncio.Future] = None
         self._closed = False
         self._background: Optional[asyncio.Task] = None
@@ -253,13 +254,13 @@ class DeviceConnection:
             raise DeviceUnreachable(self.device.id, self.last_error or "not connected yet: call connect() first")
         request_id = next(self._ids)
         self.deadlines.add(self.request_timeout if timeout is None else timeout, self, request_id, command)
-        self._pending[request_id] = callback
+        self._pending[request_id] = (callback, command)
         transport.write(address_request(body, request_id, self._token_field))
 
     def _expire(self, request_id: int, command: str, limit: float) -> None:
-        callback = self._pending.pop(request_id, None)
-        if callback is not None:
-            callback(None, CommandTimeout(
+        waiting = self._pending.pop(request_id, None)
+        if waiting is not None:
+            waiting[0](None, CommandTimeout(
                 self.device.id,
                 f"no reply to {command!r} within {limit:g} s (the device is busy or hung; "
                 "a slow command needs a longer timeout)"))
@@ -274,9 +275,15 @@ class DeviceConnection:
         self.last_reply_at = time.monotonic()
         reply_id = reply.get("id")
         # Only an int can be ours: a string "1", a float 1.0 or true (== 1) must not match request 1.
-        callback = self._pending.pop(reply_id, None) if type(reply_id) is int else None
-        if callback is not None:
-            callback(reply, None)
+        waiting = self._pending.pop(reply_id, None) if type(reply_id) is int else None
+        if waiting is not None:
+            callback, command = waiting
+            problem = reply_problem(command, reply)
+            if problem is None:
+                callback(reply, None)
+            else:  # this reply is refused, not the connection: the device may answer the next one well
+                callback(None, ProtocolError(self.device.id, f"its reply to {command!r} does not fit the protocol: "
+                                                             f"{problem}"))
         elif self.on_message is not None:
             self.on_message(self.device.id, reply)
 
@@ -299,7 +306,7 @@ class DeviceConnection:
 
     def _fail_pending(self, error: DeviceError) -> None:
         pending, self._pending = self._pending, {}
-        for callback in pending.values():
+        for callback, _command in pending.values():
             callback(None, error)
 
     async def _keep_alive(self) -> None:

@@ -11,10 +11,9 @@ import time
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Set
 
-from tabulate import tabulate
-
 from .inventory import Device
 from .results import DeviceResult, Status, short
+from .text import grid, lines, visible
 
 DRIFT_MARK = "*"
 # Limits
@@ -139,12 +138,12 @@ def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
         last = f"{change['action']} {change['file']} {ago(change.get('time'))}" if change else "-"
         rows.append([device.id, device.label, device.address, "yes", reply.get("agent_version", "?"),
                      duration(reply.get("uptime_seconds")), *cells, reply.get("command_count", "-"), last])
-    text = tabulate(rows, headers=headers, tablefmt="simple")
+    text = grid(rows, headers)
     if drift:
         text += (f"\n{DRIFT_MARK} drift: differs from what most devices of the same type run "
                  "(another version, or a file missing or extra), or they are split evenly")
     if problems:
-        text += "\n\n" + "\n".join(problems)
+        text += "\n\n" + lines(problems)
     return text
 
 
@@ -171,7 +170,7 @@ def rollout_table(results: Sequence[DeviceResult]) -> str:
         detail = _detail(error, r.note, _cautions(r))
         rows.append([r.device_id, r.status.value, f"{short(r.old_version)} -> {short(r.new_version)}",
                      len(r.commands) if r.commands else "-", f"{r.seconds:.2f}s", detail or ""])
-    text = tabulate(rows, headers=["device", "outcome", "version", "commands", "time", "detail"], tablefmt="simple")
+    text = grid(rows, ["device", "outcome", "version", "commands", "time", "detail"])
     notes = rollout_notes(results)
     return f"{text}\n\n{notes}" if notes else text
 
@@ -192,11 +191,11 @@ def rollout_notes(results: Sequence[DeviceResult]) -> str:
             removed.setdefault(", ".join(r.removed_commands), []).append(r.device_id)
     sections = []
     if warnings:
-        sections.append("Warnings from the agents' checks (they did not stop the push):\n" + "\n".join(
+        sections.append("Warnings from the agents' checks (they did not stop the push):\n" + lines(
             f"  {warning}: {some(ids)}" for warning, ids in warnings.items()))
     if removed:
         sections.append("Commands offered before that the new version drops (calls to them will get unknown_command):\n"
-                        + "\n".join(f"  {commands}: {some(ids)}" for commands, ids in removed.items()))
+                        + lines(f"  {commands}: {some(ids)}" for commands, ids in removed.items()))
     return "\n".join(sections)
 
 
@@ -215,7 +214,7 @@ def reply_table(results: Sequence[DeviceResult], summarise=None) -> str:
         else:
             text = r.error or ""
         rows.append([r.device_id, r.status.value, f"{r.seconds:.2f}s", text])
-    return tabulate(rows, headers=["device", "outcome", "time", "reply"], tablefmt="simple")
+    return grid(rows, ["device", "outcome", "time", "reply"])
 
 
 def _detail(error: Optional[str], note: str, cautions: str = "") -> str:
@@ -255,4 +254,4 @@ def progress_line(result: DeviceResult, done: int, total: int) -> str:
     versions = ""
     if result.old_version or result.new_version:
         versions = f" {short(result.old_version)} -> {short(result.new_version)}"
-    return f"[{position}] {result.device_id:<16} {result.status.value:<11}{versions}  {detail}".rstrip()
+    return visible(f"[{position}] {result.device_id:<16} {result.status.value:<11}{versions}  {detail}".rstrip())
