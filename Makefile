@@ -38,6 +38,7 @@ endif
 bench: $(STAMP)
 	$(BIN)/python bench/agent_throughput.py
 	$(BIN)/python bench/deploy_latency.py
+	$(BIN)/python bench/hostile_lan.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
