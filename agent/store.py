@@ -249,7 +249,8 @@ class HandlerStore:
                 os.replace(self.log_path, self.log_path.with_name(LOG_FILE + ".1"))
         except FileNotFoundError:
             pass
-        with open(self.log_path, "a", encoding="utf-8") as handle:
+        # backslashreplace: a lone surrogate from a request is written escaped, never an error
+        with open(self.log_path, "a", encoding="utf-8", errors="backslashreplace") as handle:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())

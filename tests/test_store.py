@@ -53,3 +53,10 @@ def test_a_torn_last_log_line_is_skipped(tmp_path):
     with open(store.log_path, "a") as log:
         log.write('{"action": "dep')  # the crash came mid-line
     assert [e["action"] for e in store.read_log()] == ["deploy"]
+
+
+def test_a_lone_surrogate_from_a_request_is_logged_escaped_not_an_error(tmp_path):
+    store = HandlerStore(tmp_path, keep_backups=3)
+    store.ensure_dirs()
+    store.append_log({"action": "deploy", "file": "a.py", "reason": "handler raised: bad \ud800"})
+    assert store.read_log()[0]["reason"] == "handler raised: bad \ud800"
