@@ -244,25 +244,26 @@ def parse_request(line: bytes) -> Request:
         raise InvalidJSON(f"request is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise BadRequest(
-            f"a request must be a JSON object like {{\"command\": \"ping\"}}, got {_json_type(obj)}"
+            f"a request must be a JSON object like {{\"command\": \"ping\"}}, got {json_type(obj)}"
         )
     has_id = "id" in obj
     request_id = obj.get("id")
     if has_id and not _valid_id(request_id):
-        raise BadRequest(f"'id' must be a string or a finite number, got {_json_type(request_id)}")
+        raise BadRequest(f"'id' must be a string or a finite number, got {json_type(request_id)}")
     if isinstance(request_id, str) and not _is_text(request_id):
         raise BadRequest("'id' is not valid Unicode text (it holds a lone surrogate such as \\ud800)")
     command = obj.get("command")
     if command is None:
         raise BadRequest("request has no 'command' field; send {\"command\": \"<name>\", ...}")
     if not isinstance(command, str) or not command:
-        raise BadRequest(f"'command' must be a non-empty string, got {_json_type(command)}")
+        raise BadRequest(f"'command' must be a non-empty string, got {json_type(command)}")
     if not _is_text(command):
         raise BadRequest("'command' is not valid Unicode text (it holds a lone surrogate such as \\ud800)")
     return Request(command=command.lower(), args=obj, id=request_id, has_id=has_id)
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """A JSON value's kind as a message names it: ``a string``, ``an object``, ``null``."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -328,7 +329,7 @@ def decode_message(line: bytes) -> Dict[str, Any]:
     """Client side: one reply line to a dict. Raises ``ValueError`` if it is not a JSON object."""
     obj = _decode(line.decode("utf-8"))  # a bad byte raises UnicodeDecodeError, a ValueError
     if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {_json_type(obj)}")
+        raise ValueError(f"expected a JSON object, got {json_type(obj)}")
     return obj
 
 
@@ -347,6 +348,7 @@ __all__ = [
     "encode_shared_request",
     "error_line",
     "finish_reply",
+    "json_type",
     "parse_request",
     "request_id_of",
     "token_field",

@@ -86,22 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("deploy", parents=[common, targets], help="roll a handler file out in waves",
                        description="Roll a handler file out: canary first, then batches; each wave is checked "
                                    "(push ok, commands live, optional verify) before the next.")
-    p.add_argument("file", help="handler file, e.g. handlers/camera_handlers.py")
-    p.add_argument("--canary", type=int, default=1, help="devices in the first wave (default 1; 0 for none)")
-    p.add_argument("--batch", default="25%", help="devices per later wave: a number or a percentage (default 25%%)")
-    p.add_argument("--max-failures", default="0",
-                   help="failed devices tolerated over the whole rollout before it halts: number or %% (default 0)")
-    p.add_argument("--max-unreachable", default=None,
-                   help="unreachable devices tolerated before it halts: number or %% (default: no limit)")
-    p.add_argument("--verify", default=None, metavar="COMMAND", help="command that must succeed on each device after its push")
-    p.add_argument("--rollback-on-failure", action="store_true",
-                   help="when the rollout halts, put every device it changed back to its previous version")
-    p.add_argument("--dry-run", action="store_true", help="run every check on every device; change nothing")
-    p.add_argument("--no-probation", action="store_true",
-                   help="do not let agents roll the new code back by themselves if it keeps failing at first")
-    p.add_argument("--force", action="store_true",
-                   help="push even to devices that quarantined this version (it killed or hung their agent "
-                        "when loaded; `fleet status` lists quarantined versions)")
+    _add_deploy_options(p)
 
     p = sub.add_parser("rollback", parents=[common, targets], help="roll a handler back to its previous version")
     p.add_argument("file", help="handler file name, e.g. camera_handlers.py")
@@ -123,6 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common], help="start local agents and roll the camera handler out to them")
     p.add_argument("--agents", type=int, default=4, help="local agents to start (default 4, at least 3)")
     return parser
+
+
+def _add_deploy_options(p: argparse.ArgumentParser) -> None:
+    """The waves, limits and checks of a rollout (``fleet deploy``)."""
+    p.add_argument("file", help="handler file, e.g. handlers/camera_handlers.py")
+    p.add_argument("--canary", type=int, default=1, help="devices in the first wave (default 1; 0 for none)")
+    p.add_argument("--batch", default="25%", help="devices per later wave: a number or a percentage (default 25%%)")
+    p.add_argument("--max-failures", default="0",
+                   help="failed devices tolerated over the whole rollout before it halts: number or %% (default 0)")
+    p.add_argument("--max-unreachable", default=None,
+                   help="unreachable devices tolerated before it halts: number or %% (default: no limit)")
+    p.add_argument("--verify", default=None, metavar="COMMAND", help="command that must succeed on each device after its push")
+    p.add_argument("--rollback-on-failure", action="store_true",
+                   help="when the rollout halts, put every device it changed back to its previous version")
+    p.add_argument("--dry-run", action="store_true", help="run every check on every device; change nothing")
+    p.add_argument("--no-probation", action="store_true",
+                   help="do not let agents roll the new code back by themselves if it keeps failing at first")
+    p.add_argument("--force", action="store_true",
+                   help="push even to devices that quarantined this version (it killed or hung their agent "
+                        "when loaded; `fleet status` lists quarantined versions)")
 
 
 def parse_value(text: str) -> Any:

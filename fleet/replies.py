@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
+from agent.protocol import json_type
+
 
 class Spec:
     """A value's expected shape; ``problem`` says what does not fit, or None."""
@@ -32,7 +34,7 @@ class Kind(Spec):
     def problem(self, value: Any, where: str) -> Optional[str]:
         if isinstance(value, bool) and bool not in self.types:
             return f"{where} is a boolean, not {self.name}"
-        return None if isinstance(value, self.types) else f"{where} is {_kind(value)}, not {self.name}"
+        return None if isinstance(value, self.types) else f"{where} is {json_type(value)}, not {self.name}"
 
 
 class Opt(Spec):
@@ -49,7 +51,7 @@ class ListOf(Spec):
 
     def problem(self, value: Any, where: str) -> Optional[str]:
         if not isinstance(value, list):
-            return f"{where} is {_kind(value)}, not a list"
+            return f"{where} is {json_type(value)}, not a list"
         return next((p for i, item in enumerate(value) if (p := self.inner.problem(item, f"{where}[{i}]"))), None)
 
 
@@ -59,7 +61,7 @@ class DictOf(Spec):
 
     def problem(self, value: Any, where: str) -> Optional[str]:
         if not isinstance(value, dict):
-            return f"{where} is {_kind(value)}, not an object"
+            return f"{where} is {json_type(value)}, not an object"
         return next((p for k, item in value.items() if (p := self.inner.problem(item, f"{where}.{k}"))), None)
 
 
@@ -69,7 +71,7 @@ class Obj(Spec):
 
     def problem(self, value: Any, where: str) -> Optional[str]:
         if not isinstance(value, dict):
-            return f"{where} is {_kind(value)}, not an object"
+            return f"{where} is {json_type(value)}, not an object"
         for name in self.required:
             if name not in value:
                 return f"{where} has no {name!r}"
@@ -127,19 +129,3 @@ ANY_COMMAND = Obj(COMMON)  # a handler's reply: only what every reply carries
 def reply_problem(command: str, reply: Dict[str, Any]) -> Optional[str]:
     """What about ``reply`` (to ``command``) does not fit what the controller reads, or None."""
     return SHAPES.get(command.lower(), ANY_COMMAND).problem(reply, "")
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
