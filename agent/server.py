@@ -102,9 +102,10 @@ class _Connection(asyncio.BufferedProtocol):
             return
         state = self.state
         state.last_read = now = self._server.now()
-        if state.line_started is None:
-            state.line_started = now
-        for line in self._reader.buffer_updated(nbytes):
+        lines = self._reader.buffer_updated(nbytes)
+        if lines or state.line_started is None:
+            state.line_started = now  # a line ended here, so what is left began here (the deadline's start)
+        for line in lines:
             if self._draining:
                 has_id, request_id = request_id_of(line)
                 refusal = ShuttingDown("the agent is shutting down; this request was not run")
