@@ -109,8 +109,9 @@ class Box:
         self.is_root = os.geteuid() == 0
         self.user = self._resolve(user) if self.is_root else None
         self.user_problem = "" if self.user or not self.is_root else f"no user {user!r} on this system"
-        # An unprivileged child may not be able to reach the interpreter's folders (pyenv under a
-        # private /root, a pipx install under a 0700 home): it gets them as folders opened beforehand.
+        # The child gets the interpreter's folders as folders opened beforehand: as another user it
+        # may not reach them (pyenv under a private /root, a pipx install under a 0700 home), and the
+        # box's fresh /tmp hides any that live there (a virtualenv under /tmp).
         self.path_fds = [_open_path(p) for p in sys_path]
         self.report = {"active": {}, "missing": {}}
         try:
@@ -196,6 +197,9 @@ class Box:
         os.environ.clear()
         os.environ.update({"PATH": BOX_PATH, "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"})
         os.chdir(home)
+        opened = [f"/proc/self/fd/{fd}" for fd in self.path_fds if fd is not None]
+        if opened:  # the interpreter's folders, as opened before the box hid or closed any of them
+            sys.path[:] = opened
         active["clean_environment"] = "no token and none of the agent's variables"
         active["throwaway_home"] = f"HOME and the working folder are {home}, dropped after the test"
         self._drop_privileges(spaces, active, missing)
@@ -252,7 +256,6 @@ class Box:
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
-            sys.path[:] = [f"/proc/self/fd/{fd}" for fd in self.path_fds if fd is not None]
             active["unprivileged_user"] = f"runs as {name} (uid {uid})"
         elif self.is_root:
             missing["unprivileged_user"] = self.user_problem

@@ -27,8 +27,17 @@ from agent.config import AgentConfig
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-# Where tests keep what the import test's box must see as it is: the box mounts a fresh /tmp.
-VISIBLE = Path(__file__).resolve().parent / ".visible"
+def _visible_base() -> Path:
+    """Where tests keep what the import test's box must see as it is, wherever the repository lives.
+
+    The box mounts a fresh /tmp, /var/tmp and /dev/shm, and runs as nobody when the
+    agent is root: the folder must be outside those, and open to every user.
+    """
+    base = Path("/run") if os.geteuid() == 0 and os.access("/run", os.W_OK) else Path.home() / ".cache"
+    return base / "pifleet-tests"
+
+
+VISIBLE = _visible_base()
 SCRIPTED = Path(__file__).resolve().parent / "scripted_handlers"
 REPLY_TIMEOUT = 20.0  # a bound on every wait, so a broken agent fails a test instead of hanging it
 
@@ -112,7 +121,7 @@ class Client:
 
 def visible_folder(prefix: str) -> Path:
     """A new folder outside /tmp that every user can enter (``VISIBLE``); the caller removes it."""
-    VISIBLE.mkdir(exist_ok=True)
+    VISIBLE.mkdir(parents=True, exist_ok=True)
     VISIBLE.chmod(0o755)
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir=VISIBLE))
     folder.chmod(0o755)
