@@ -42,6 +42,11 @@ import time
 import traceback
 import types
 
+try:  # here, once: imported in each box it would be loaded afresh, from disk, by every test
+    import resource
+except ImportError:
+    resource = None
+
 # Modules most handlers import: loading them once here makes each forked
 # child start warm. This changes nothing a module can observe except speed.
 WARM_MODULES = (
@@ -307,9 +312,7 @@ def _write_all(fd, text):
 
 
 def _limit_resources(request):
-    try:
-        import resource
-    except ImportError:  # not on Linux: the time limit still holds
+    if resource is None:  # not on Linux: the time limit still holds
         return
     memory = int(request["memory_mb"]) * 1024 * 1024
     cpu = int(float(request["timeout"])) + 1

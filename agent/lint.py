@@ -21,9 +21,9 @@ from __future__ import annotations
 import ast
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Set
+from typing import Any, Dict, Iterable, List, Optional, Set
 
-from .lint_names import bound_names, collect_aliases, collect_values, function_bindings, resolve
+from .lint_names import bound_names, collect, function_bindings, resolve
 from .lint_rules import BUILTIN_NAMES, check_call, is_blocked
 
 BLOCKED_MODULES = frozenset({"ctypes", "_ctypes"})
@@ -57,16 +57,17 @@ class Scanner(ast.NodeVisitor):
         self.optional_imports: Dict[str, int] = {}
         self.strings: Dict[str, List[str]] = {}  # names assigned string literals (an rm -rf on its way)
         self.shell_kwargs: Set[str] = set()  # names of dicts that carry shell=True
-        self._scopes: List[Set[str]] = []  # names bound in the module and each enclosing function
+        # The module and each enclosing function, with the names each binds once someone asks:
+        # only a builtin's name (exec, getattr, ...) needs them, and most modules never use one.
+        self._scopes: List[List[Any]] = []  # [node, bound names or None]
         self._guarded_depth = 0
         self._async_depth = 0
         self._seen: Set[tuple] = set()
         self._call_funcs: Set[int] = set()
 
     def scan(self, tree: ast.Module) -> None:
-        collect_aliases(self, tree)
-        collect_values(self, tree)
-        self._scopes.append(bound_names(tree.body) - set(self.aliases))
+        collect(self, tree)
+        self._scopes.append([tree, None])
         self.visit(tree)
 
     # Resolving names
@@ -76,7 +77,17 @@ class Scanner(ast.NodeVisitor):
         return resolve(self, node)
 
     def shadowed(self, name: str) -> bool:
-        return name in BUILTIN_NAMES and any(name in scope for scope in self._scopes)
+        """Whether ``name`` (a builtin's) is bound by the module or an enclosing function."""
+        if name not in BUILTIN_NAMES:
+            return False
+        for scope in self._scopes:
+            if scope[1] is None:
+                node = scope[0]
+                scope[1] = (bound_names(node.body) - set(self.aliases) if isinstance(node, ast.Module)
+                            else function_bindings(node))
+            if name in scope[1]:
+                return True
+        return False
 
     # Findings
 
@@ -149,7 +160,7 @@ class Scanner(ast.NodeVisitor):
 
     def _in_function(self, node: ast.AST, *, async_depth: int) -> None:
         depth, self._async_depth = self._async_depth, async_depth
-        self._scopes.append(function_bindings(node))
+        self._scopes.append([node, None])
         self.generic_visit(node)
         self._scopes.pop()
         self._async_depth = depth

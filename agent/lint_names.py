@@ -87,10 +87,12 @@ def _key(node: ast.AST) -> Optional[str]:
     return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
-def collect_aliases(scanner: Any, tree: ast.AST) -> None:
-    """Imports, then re-bindings (``run = os.system``, ``o = os``) to a fixed point (chains of three)."""
+def collect(scanner: Any, tree: ast.AST) -> None:
+    """One walk before the scan: imports, re-bindings (``run = os.system``, ``o = os``) resolved to a
+    fixed point (chains of three), names given string literals, dicts that carry ``shell=True``."""
     rebindings = []
     for node in ast.walk(tree):
+        _collect_value(scanner, node)
         if isinstance(node, ast.Import):
             for alias in node.names:
                 root = alias.name.split(".")[0]
@@ -109,22 +111,20 @@ def collect_aliases(scanner: Any, tree: ast.AST) -> None:
                 scanner.aliases[node.targets[0].id] = target  # type: ignore[attr-defined]
 
 
-def collect_values(scanner: Any, tree: ast.AST) -> None:
+def _collect_value(scanner: Any, node: ast.AST) -> None:
     """Names given string literals (``cmd = "rm -rf ..."``) and dicts that carry ``shell=True``."""
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target, value = node.targets[0], node.value
-            if isinstance(target, ast.Name):
-                if isinstance(value, ast.Constant) and isinstance(value.value, str):
-                    scanner.strings.setdefault(target.id, []).append(value.value)
-                elif carries_shell(value, ()):
-                    scanner.shell_kwargs.add(target.id)
-            elif (isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name)
-                    and _key(target.slice) == "shell"):
-                scanner.shell_kwargs.add(target.value.id)  # options["shell"] = True
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "update"
-                and isinstance(node.func.value, ast.Name) and any(k.arg == "shell" for k in node.keywords)):
-            scanner.shell_kwargs.add(node.func.value.id)  # options.update(shell=True)
+    if isinstance(node, ast.Assign) and len(node.targets) == 1:
+        target, value = node.targets[0], node.value
+        if isinstance(target, ast.Name):
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                scanner.strings.setdefault(target.id, []).append(value.value)
+            elif carries_shell(value, ()):
+                scanner.shell_kwargs.add(target.id)
+        elif isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name) and _key(target.slice) == "shell":
+            scanner.shell_kwargs.add(target.value.id)  # options["shell"] = True
+    elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "update"
+            and isinstance(node.func.value, ast.Name) and any(k.arg == "shell" for k in node.keywords)):
+        scanner.shell_kwargs.add(node.func.value.id)  # options.update(shell=True)
 
 
 def bound_names(body: Iterable[ast.stmt]) -> Set[str]:

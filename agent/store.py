@@ -212,10 +212,10 @@ class HandlerStore:
     def _make_room(self, size: int) -> None:
         """Remove backups until ``size`` more bytes fit the budget: the oldest backups of the files with
         the most versions first; the newest backup of every file is kept."""
+        if self._backup_bytes() + size <= self.max_backup_bytes:
+            return  # the usual case, known from one scan of the folder
         entries = self.backups()
         total = sum(entry["size"] for entry in entries) + size
-        if total <= self.max_backup_bytes:
-            return
         by_file: Dict[str, List[Dict[str, Any]]] = {}
         for entry in entries:  # newest first
             by_file.setdefault(entry["file"], []).append(entry)
@@ -235,6 +235,17 @@ class HandlerStore:
         for entry in chosen:
             (self.backups_dir / entry["backup"]).unlink(missing_ok=True)
             log.info("removed backup %s to stay within %d bytes of backups", entry["backup"], self.max_backup_bytes)
+
+    def _backup_bytes(self) -> int:
+        total = 0
+        with os.scandir(self.backups_dir) as found:
+            for entry in found:
+                if entry.name.endswith(".backup"):
+                    try:
+                        total += entry.stat().st_size
+                    except FileNotFoundError:
+                        pass
+        return total
 
     def _prune(self, name: str) -> None:
         for entry in self.backups(name)[self.keep_backups:]:
