@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from .checks import CheckReport
+from .report import CheckReport
 from .errors import AgentError, StorageFailed
 from .probation import ProbationRule, Watch
 

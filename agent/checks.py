@@ -1,6 +1,8 @@
-"""The static checks on pushed handler code: filename, syntax, dangerous calls,
-protected imports and dependencies (checks 1 to 5 of the deploy pipeline; the
-import and runtime tests run in a separate process, see ``isolation``).
+"""The static checks on pushed handler code: syntax, dangerous calls, protected
+imports and dependencies (checks 2 to 5 of the deploy pipeline; check 1, the
+filename, is ``filenames``; the import and runtime tests run in a box, see
+``isolation``). The pipeline imports this module when it first checks code:
+the lint is the largest part of the agent, and most starts never need it.
 
 These checks catch *mistakes*: a handler that shells out with ``shell=True``,
 a copy-pasted ``rm -rf``, an import of the agent's own internals, a module
@@ -18,14 +20,11 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import keyword
-import re
 import threading
-from dataclasses import dataclass, field
-from typing import Dict, List
 
-from .errors import BadRequest
-from .lint import Issue, Scanner
+from .filenames import module_name_from_filename
+from .lint import Scanner
+from .report import CheckReport, Issue
 
 __all__ = ["CheckReport", "Issue", "check_code", "module_name_from_filename"]
 
@@ -38,56 +37,6 @@ PROTECTED_PACKAGES = frozenset({"agent", "core"})
 # constructor recursion depth mismatch" (CPython gh-106905). Deploys of
 # different files run checks in parallel worker threads, so parses take turns.
 _PARSE_LOCK = threading.Lock()
-
-_FILENAME = re.compile(r"^(?:handlers/)?([A-Za-z][A-Za-z0-9_]*)\.py$")
-
-def module_name_from_filename(raw: object) -> str:
-    """Check 1: ``NAME.py`` or ``handlers/NAME.py`` with NAME a plain identifier; return NAME."""
-    if not isinstance(raw, str) or not raw:
-        raise BadRequest("'filename' is required, for example \"camera_handlers.py\"")
-    match = _FILENAME.match(raw)
-    if match is None or keyword.iskeyword(match.group(1)):
-        raise BadRequest(f"bad filename {raw!r}: {_why_bad_filename(raw)}")
-    return match.group(1)
-
-
-def _why_bad_filename(raw: str) -> str:
-    if "\x00" in raw:
-        return "it contains a NUL byte"
-    if raw.startswith("/") or raw.startswith("\\") or re.match(r"^[A-Za-z]:", raw):
-        return "absolute paths are not allowed; give a plain NAME.py"
-    if ".." in raw.replace("\\", "/").split("/"):
-        return "'..' is not allowed; handler files live only in handlers/"
-    if "/" in raw.replace("\\", "/").replace("handlers/", "", 1):
-        return "other folders are not allowed; handler files live only in handlers/"
-    if not raw.endswith(".py"):
-        return "handler files must end in .py"
-    base = raw.rsplit("/", 1)[-1][:-3]
-    if base.startswith("_"):
-        return "names starting with '_' are reserved"
-    return "NAME must be a plain Python identifier (letters, digits, '_'; not starting with a digit or a keyword)"
-
-
-@dataclass
-class CheckReport:
-    """What the checks found. ``errors`` refuse the push; ``warnings`` are reported only."""
-
-    errors: List[Issue] = field(default_factory=list)
-    warnings: List[Issue] = field(default_factory=list)
-
-    @property
-    def valid(self) -> bool:
-        return not self.errors
-
-    def details(self) -> Dict[str, object]:
-        """The ``validation_details`` reply field: the seed's three keys, plus structured issues."""
-        return {
-            "valid": self.valid,
-            "errors": [issue.text() for issue in self.errors],
-            "warnings": [issue.text() for issue in self.warnings],
-            "issues": [issue.as_dict() for issue in self.errors + self.warnings],
-        }
-
 
 def check_code(code: str, path: str) -> CheckReport:
     """Checks 2 to 5 on the source text. Never raises for bad code: it reports."""

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 
 from .activation import Quarantine
 from .changes import Outcome, Removal, Untouched
-from .checks import module_name_from_filename
+from .filenames import module_name_from_filename
 from .errors import BadRequest
 from .isolation import ImportTester
 from .pipeline import DeployPipeline

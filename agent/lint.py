@@ -20,29 +20,16 @@ from __future__ import annotations
 
 import ast
 import re
-from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Set
 
 from .lint_names import bound_names, collect, function_bindings, resolve
 from .lint_rules import BUILTIN_NAMES, check_call, is_blocked
+from .report import Issue
 
 BLOCKED_MODULES = frozenset({"ctypes", "_ctypes"})
 _RM_FLAG = re.compile(r"^-(?:[a-zA-Z]*[rR][a-zA-Z]*|-recursive)$")
 _STAR_BLOCKED = frozenset({"os", "posix", "subprocess", "shutil", "pickle", "importlib", "builtins", "pty"})
 _IMPORT_GUARDS = frozenset({"ImportError", "ModuleNotFoundError", "Exception", "BaseException"})
-
-
-@dataclass(frozen=True)
-class Issue:
-    check: str  # "syntax", "dangerous", "protected_import", "dependency", "runtime", "style"
-    message: str
-    line: Optional[int] = None
-
-    def text(self) -> str:
-        return f"{self.message} (line {self.line})" if self.line else self.message
-
-    def as_dict(self) -> Dict[str, object]:
-        return {"check": self.check, "message": self.message, "line": self.line}
 
 
 class Scanner(ast.NodeVisitor):

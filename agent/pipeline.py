@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
 from .activation import ActivationRecord, Quarantine
 from .backups import choose_backup, previous_version
 from .changes import Change, Outcome, Removal, Untouched, log_entry, made_anyway, os_reason, refused, storage_failed
-from .checks import CheckReport, Issue, check_code
+from .report import CheckReport, Issue
 from .config import AgentConfig
 from .errors import ChecksumMismatch, ImportFailed, LoadFailed, NotFound, Quarantined, StorageFailed, ValidationFailed
 from .isolation import ImportResult, ImportTester
@@ -209,6 +209,7 @@ class DeployPipeline:
 
     async def vet(self, name: str, text: str) -> Tuple[CheckReport, List[str]]:
         """Checks 2-6: the report (with warnings) and the commands the module offers; raises a refusal."""
+        from .checks import check_code  # here: the lint is the agent's largest import, and most starts need none
         filename = f"handlers/{name}.py"
         report = await self.run(check_code, text, filename)
         if not report.valid:

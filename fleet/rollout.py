@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Union
 
-from agent.checks import module_name_from_filename
+from agent.filenames import module_name_from_filename
 from agent.errors import BadRequest
 from agent.protocol import encode_shared_request
 
