@@ -13,7 +13,9 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -80,34 +82,66 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    sub.add_parser("status", parents=[common, targets], help="per-device status table (versions, drift, uptime)")
-
-    p = sub.add_parser("deploy", parents=[common, targets], help="roll a handler file out in waves",
-                       description="Roll a handler file out: canary first, then batches; each wave is checked "
-                                   "(push ok, commands live, optional verify) before the next.")
-    _add_deploy_options(p)
-
-    p = sub.add_parser("rollback", parents=[common, targets], help="roll a handler back to its previous version")
+    device_parents = [common, targets]
+    _subcommand(sub, "status", device_parents)
+    _add_deploy_options(_subcommand(sub, "deploy", device_parents))
+    p = _subcommand(sub, "rollback", device_parents)
     p.add_argument("file", help="handler file name, e.g. camera_handlers.py")
     p.add_argument("--backup", default=None, help="restore this named backup (see `fleet backups`) instead of the newest")
-
-    p = sub.add_parser("send", parents=[common, targets], help="send one command to a device, or to all",
-                       description="Send one command. Arguments are key=value; values are parsed as JSON where "
-                                   "they parse (duration=30 is a number, filename=x.h264 a string).")
+    p = _subcommand(sub, "send", device_parents)
     p.add_argument("device", help="a device id, or 'all' (narrow with --tag/--only)")
     p.add_argument("name", metavar="COMMAND", help="command name, e.g. camera_status")
     p.add_argument("args", nargs="*", default=[], metavar="KEY=VALUE")  # a default: or argparse calls it required
-
-    sub.add_parser("commands", parents=[common, targets], help="the commands each device offers")
-    p = sub.add_parser("backups", parents=[common, targets], help="backups of a handler file on each device")
-    p.add_argument("file", help="handler file name, e.g. camera_handlers.py")
-    p = sub.add_parser("log", parents=[common, targets], help="recent deploys, rollbacks and deletes on each device")
-    p.add_argument("--limit", type=int, default=5, help="entries per device (default 5)")
-
-    p = sub.add_parser("demo", parents=[common], help="start local agents and roll the camera handler out to them")
-    p.add_argument("--agents", type=int, default=4, help="local agents to start (default 4, at least 3)")
+    _subcommand(sub, "commands", device_parents)
+    _subcommand(sub, "backups", device_parents).add_argument("file", help="handler file name, e.g. camera_handlers.py")
+    _subcommand(sub, "log", device_parents).add_argument("--limit", type=int, default=5,
+                                                         help="entries per device (default 5)")
+    _subcommand(sub, "demo", [common]).add_argument("--agents", type=int, default=4,
+                                                    help="local agents to start (default 4, at least 3)")
     return parser
+
+
+# Each subcommand: its line in `fleet --help`, what its own --help says, and an example.
+SUBCOMMANDS = {
+    "status": ("per-device status table (versions, drift, uptime)",
+               "Ask every device for its status and print one table: the version of each handler file, drift "
+               "from what most devices of the same type run, uptime, the last change; under it, why a device did "
+               "not answer and what its agent found by itself (quarantined versions, files changed by hand).",
+               "fleet status --tag cams"),
+    "deploy": ("roll a handler file out in waves",
+               "Roll a handler file out: canary first, then batches; each wave is checked (push ok, commands "
+               "live, optional verify) before the next, and the rollout halts past its failure limits.",
+               "fleet deploy handlers/camera_handlers.py --tag cams --canary 1 --batch 25% --verify camera_status"),
+    "rollback": ("roll a handler back to its previous version",
+                 "Put one handler file back on each device: to the newest backup that differs from what runs "
+                 "(skipping versions the agent took off by itself: rolled back by probation, or quarantined), or "
+                 "to a named backup.",
+                 "fleet rollback camera_handlers.py --only raspi_main"),
+    "send": ("send one command to a device, or to all",
+             "Send one command. Arguments are key=value; values are parsed as JSON where they parse "
+             "(duration=30 is a number, filename=x.h264 a string).",
+             "fleet send raspi_main start_recording duration=30 filename=race.h264"),
+    "commands": ("the commands each device offers",
+                 "List the commands each device offers: the agent's own and those of its handler modules.",
+                 "fleet commands --only raspi_main"),
+    "backups": ("backups of a handler file on each device",
+                "List the backups of one handler file on each device, newest first (names to give "
+                "`fleet rollback --backup`).",
+                "fleet backups camera_handlers.py"),
+    "log": ("recent deploys, rollbacks and deletes on each device",
+            "Show each device's update log: deploys, rollbacks, deletes, restores and quarantines, newest first.",
+            "fleet log --limit 10"),
+    "demo": ("start local agents and roll the camera handler out to them",
+             "Start local agents on 127.0.0.1 in a temporary folder and run the main job against them: a rollout "
+             "in waves with an offline device and one that refuses, recordings, status, rollback.",
+             "fleet demo --agents 5"),
+}
+
+
+def _subcommand(sub: Any, name: str, parents: List[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    line, description, example = SUBCOMMANDS[name]
+    return sub.add_parser(name, parents=parents, help=line, description=textwrap.fill(description, 79),
+                          epilog=f"Example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _add_deploy_options(p: argparse.ArgumentParser) -> None:
@@ -119,7 +153,9 @@ def _add_deploy_options(p: argparse.ArgumentParser) -> None:
                    help="failed devices tolerated over the whole rollout before it halts: number or %% (default 0)")
     p.add_argument("--max-unreachable", default=None,
                    help="unreachable devices tolerated before it halts: number or %% (default: no limit)")
-    p.add_argument("--verify", default=None, metavar="COMMAND", help="command that must succeed on each device after its push")
+    p.add_argument("--verify", default=None, metavar="'COMMAND [KEY=VALUE ...]'",
+                   help="command that must succeed on each device after its push, with arguments as for "
+                        "`fleet send` (quote it: --verify 'greet name=x')")
     p.add_argument("--rollback-on-failure", action="store_true",
                    help="when the rollout halts, put every device it changed back to its previous version")
     p.add_argument("--dry-run", action="store_true", help="run every check on every device; change nothing")
@@ -135,6 +171,19 @@ def parse_value(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def verify_options(text: Optional[str]) -> Dict[str, Any]:
+    """``--verify 'greet name=x'``: the command and its arguments, the same syntax as ``fleet send``."""
+    if not text:
+        return {"verify": None}
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(f"--verify {text!r}: {exc}") from None
+    if not words:
+        raise ConfigError("--verify needs a command, e.g. --verify camera_status")
+    return {"verify": words[0], "verify_args": parse_pairs(words[1:])}
 
 
 def parse_pairs(pairs: Sequence[str]) -> Dict[str, Any]:
@@ -190,7 +239,7 @@ async def cmd_status(fleet: Fleet, inventory: Inventory, ids: List[str], args: a
 
 async def cmd_deploy(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
     plan = RolloutPlan(canary=args.canary, batch=args.batch, max_failures=args.max_failures,
-                       max_unreachable=args.max_unreachable, verify=args.verify,
+                       max_unreachable=args.max_unreachable, **verify_options(args.verify),
                        rollback_on_failure=args.rollback_on_failure, dry_run=args.dry_run,
                        probation=not args.no_probation, force=args.force, timeout=args.timeout)
     filename, _ = read_handler(Path(args.file))
@@ -210,7 +259,9 @@ async def report_each(fleet: Fleet, command: Dict[str, Any], ids: List[str], arg
     results = await fleet.send_all(command, ids, timeout=args.timeout,
                                    on_result=out.progress(len(ids)) if progress else None)
     ordered = list(results.values())  # send_all keeps the order of ids
-    out.emit({"results": [r.as_dict() for r in ordered]}, tables.reply_table(ordered, summarise))
+    devices = [r.as_dict() for r in ordered]
+    # "devices", as in deploy and status; "results" is the old name, kept for one release (README)
+    out.emit({"devices": devices, "results": devices}, tables.reply_table(ordered, summarise))
     return exit_code(ordered)
 
 
@@ -271,7 +322,11 @@ async def run(args: argparse.Namespace) -> int:
         from .demo import run_demo
 
         return await run_demo(agents=args.agents, as_json=args.json)
-    inventory = load_inventory(Path(args.devices or default_devices()))
+    path = Path(args.devices or default_devices())
+    inventory = load_inventory(path)
+    # Say which file: without ./devices.json the project's sample (local agents) is used, and must not be a surprise.
+    sample = " (the project's sample: local agents on 127.0.0.1)" if path.resolve() == REPO_DEVICES.resolve() else ""
+    print(visible(f"fleet: inventory {path}{sample}, {len(inventory.devices)} device(s)"), file=sys.stderr)
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError("--timeout must be a positive number of seconds")
     if args.concurrency < 1:

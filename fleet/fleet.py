@@ -130,18 +130,19 @@ class Fleet:
             while queue and in_flight < self.concurrency:
                 conn = queue.popleft()
                 in_flight += 1
-                finish = functools.partial(done, conn.device.id, time.perf_counter())
+                finish = functools.partial(done, conn.device, time.perf_counter())
                 try:
                     conn.send_with_callback(body, name, finish, timeout)
                 except DeviceUnreachable:  # not connected: connect first, then the same request
                     task = asyncio.ensure_future(conn.request(command, timeout))
                     task.add_done_callback(functools.partial(_task_outcome, conn.device.id, finish))
 
-        def done(device_id: str, started: float, reply: Optional[Dict[str, Any]],
+        def done(device: Device, started: float, reply: Optional[Dict[str, Any]],
                  error: Optional[BaseException]) -> None:
             nonlocal in_flight
             in_flight -= 1
-            result = _failed(device_id, error) if error is not None else _replied(device_id, reply)
+            device_id = device.id
+            result = _failed(device_id, error) if error is not None else _replied(device_id, reply, device)
             result.seconds = time.perf_counter() - started
             results[device_id] = result
             try:
@@ -231,13 +232,13 @@ class Fleet:
         return {device_id: results[device_id] for device_id in targets}
 
 
-async def attempt(awaitable: Awaitable[Any], device_id: str) -> DeviceResult:
+async def attempt(awaitable: Awaitable[Any], device_id: str, device: Optional[Device] = None) -> DeviceResult:
     """Await one device operation and classify how it ended. Never raises for device trouble."""
     try:
         reply = await awaitable
     except DeviceError as exc:
         return _failed(device_id, exc)
-    return _replied(device_id, reply)
+    return _replied(device_id, reply, device)
 
 
 def _task_outcome(device_id: str, finish: Callable[[Optional[Dict[str, Any]], Optional[BaseException]], None],
@@ -262,12 +263,14 @@ def _failed(device_id: str, exc: BaseException) -> DeviceResult:
     return DeviceResult(device_id, Status.FAILED, error=exc.message, code=exc.code)
 
 
-def _replied(device_id: str, reply: Any) -> DeviceResult:
+def _replied(device_id: str, reply: Any, device: Optional[Device] = None) -> DeviceResult:
     if not isinstance(reply, dict):  # connect() returns None
         return DeviceResult(device_id, Status.OK)
     if reply.get("success") is False:
         error = str(reply.get("error"))
         if reply.get("code") == "unauthorized":  # the agent's sentence is for any client; this one has an inventory
-            error += f" (give this controller the agent's token: ${DEFAULT_TOKEN_ENV}, or token/token_env in devices.json)"
+            source = device.token_source if device is not None and device.token_source else f"${DEFAULT_TOKEN_ENV}"
+            error += (f" (this controller sends the token from {source}: set it to the agent's token, "
+                      "or give the device 'token' or 'token_env' in devices.json)")
         return DeviceResult(device_id, Status.FAILED, reply=reply, error=error, code=reply.get("code"))
     return DeviceResult(device_id, Status.OK, reply=reply)

@@ -44,6 +44,7 @@ class Device:
     description: str = ""
     tags: Tuple[str, ...] = ()
     token: Optional[str] = field(default=None, repr=False)  # never printed
+    token_source: str = ""  # where the token comes from, for messages: "$CAM_TOKEN (not set)"
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not _ID.match(self.id):
@@ -161,6 +162,9 @@ def _device(entry: Dict[str, Any], defaults: Dict[str, Any], where: str, environ
         if not isinstance(token_env, str):
             raise ConfigError(f"{where}: field 'token_env' must be the name of an environment variable")
         token = environ.get(token_env) or None
+        token_source = f"${token_env}" + ("" if token else " (not set)")
+    else:
+        token_source = "'token' in its devices.json entry"
     for text_field in ("name", "type", "description"):
         if not isinstance(entry.get(text_field, ""), str):
             raise ConfigError(f"{where}: field {text_field!r} must be a string")
@@ -174,6 +178,7 @@ def _device(entry: Dict[str, Any], defaults: Dict[str, Any], where: str, environ
             description=entry.get("description", ""),
             tags=tuple(tags),
             token=token,
+            token_source=token_source,
         )
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None

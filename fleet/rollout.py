@@ -22,7 +22,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Set, Union
+from typing import Any, Awaitable, Dict, List, Optional, Sequence, Set, Union
 
 from agent.filenames import module_name_from_filename
 from agent.errors import BadRequest
@@ -190,15 +190,17 @@ class Rollout:
         candidates = await self._preflight()
         waves = self._waves(candidates)
         report = RolloutReport(self.filename, self.version, self.results, waves)
-        halted_at = None
-        for index, wave in enumerate(waves):
+        # The preflight already knows who is offline: past a limit, nothing is pushed at all.
+        reason = self._over_limits()
+        halted_at: Optional[int] = -1 if reason else None
+        for index, wave in enumerate(waves if halted_at is None else []):
             await self.fleet.run_each(wave, self._push, self._finish)
             reason = self._over_limits()
             if reason:
                 halted_at = index
-                report.halted, report.halt_reason = True, reason
                 break
         if halted_at is not None:
+            report.halted, report.halt_reason = True, reason
             for wave in waves[halted_at + 1:]:
                 for device_id in wave:
                     self._finish(DeviceResult(device_id, Status.SKIPPED, old_version=self.old_versions.get(device_id),
@@ -208,6 +210,9 @@ class Rollout:
         report.results = {d: self.results[d] for d in self.targets}
         report.seconds = time.perf_counter() - started
         return report
+
+    async def _attempt(self, awaitable: Awaitable[Any], device_id: str) -> DeviceResult:
+        return await attempt(awaitable, device_id, self.fleet.device(device_id))
 
     def _finish(self, result: DeviceResult) -> None:
         self.results[result.device_id] = result
@@ -261,7 +266,7 @@ class Rollout:
     async def _push(self, device_id: str) -> DeviceResult:
         started = time.perf_counter()
         old = self.old_versions.get(device_id)
-        result = await attempt(self.fleet.send_encoded(device_id, self._push_body, "update_handler",
+        result = await self._attempt(self.fleet.send_encoded(device_id, self._push_body, "update_handler",
                                                        timeout=self.plan.timeout), device_id)
         result.old_version = old
         reply = result.reply or {}
@@ -288,7 +293,7 @@ class Rollout:
 
     async def _check_live(self, device_id: str, result: DeviceResult) -> None:
         """The wave check: the pushed commands are in the device's table, and verify passes."""
-        listed = await attempt(self.fleet.send_encoded(device_id, self._list_body, "list_commands",
+        listed = await self._attempt(self.fleet.send_encoded(device_id, self._list_body, "list_commands",
                                                        timeout=self.plan.timeout), device_id)
         if listed.status is not Status.OK:
             result.status, result.error, result.code = listed.status, f"after the push, list_commands: {listed.error}", listed.code
@@ -300,7 +305,7 @@ class Rollout:
             result.error = f"pushed, but these commands are not live: {', '.join(missing)}"
             return
         if self.plan.verify:
-            check = await attempt(self.fleet.send_encoded(device_id, self._verify_body, self.plan.verify,
+            check = await self._attempt(self.fleet.send_encoded(device_id, self._verify_body, self.plan.verify,
                                                           timeout=self.plan.timeout), device_id)
             if check.status is not Status.OK:
                 result.status, result.code = check.status, check.code or "verify_failed"
@@ -335,7 +340,7 @@ class Rollout:
             command.update(command="rollback_handler", to_version=old)
         else:
             command.update(command="rollback_handler", backup=result.backup)
-        undone = await attempt(self.fleet.send(device_id, command, timeout=self._undo_timeout), device_id)
+        undone = await self._attempt(self.fleet.send(device_id, command, timeout=self._undo_timeout), device_id)
         reply = undone.reply or {}
         if undone.status is not Status.OK:
             # The device may stay on the new version while the others went back: that must stand out.

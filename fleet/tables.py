@@ -119,7 +119,9 @@ def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
         reply = (result.reply or {}) if result else {}
         if result is None or result.status is not Status.OK:
             reason = result.status.value.lower() if result else "unknown"
-            rows.append([device.id, device.label, device.address, f"no ({reason})", "-", "-",
+            # A device that answered is reachable, even when it refused (a wrong token, say).
+            reachable = f"yes ({result.code})" if result is not None and result.reply else f"no ({reason})"
+            rows.append([device.id, device.label, device.address, reachable, "-", "-",
                          *["-" for _ in files], "-", "-"])
             if result is not None and result.error:
                 problems.append(f"{device.id}: {result.error}")

@@ -84,9 +84,9 @@ def test_a_halted_rollout_with_rollback_marks_the_undo_lines(tmp_path, agents, c
     devices = inventory(tmp_path, agents, count=3)
     assert main(["-d", str(devices), "deploy", handler(tmp_path, V1), "--batch", "1", "--rollback-on-failure"]) == 1
     out, err = capsys.readouterr()
-    lines = err.splitlines()
-    assert [line.split()[0] for line in lines[1:]] == ["[1/3]", "[2/3]", "[3/3]", "[undo]", "[undo]"]
-    assert all("ROLLED_BACK" in line for line in lines[4:]) and "1 FAILED, 2 ROLLED_BACK" in out
+    lines = err.splitlines()[2:]  # after "fleet: inventory ..." and "rolling out ..."
+    assert [line.split()[0] for line in lines] == ["[1/3]", "[2/3]", "[3/3]", "[undo]", "[undo]"]
+    assert all("ROLLED_BACK" in line for line in lines[3:]) and "1 FAILED, 2 ROLLED_BACK" in out
 
 
 def test_status_rollback_send_commands_backups_and_log(tmp_path, agents, capsys):
@@ -141,7 +141,11 @@ def test_tokens_are_used_and_never_printed(tmp_path, agents, capsys, monkeypatch
     devices = inventory(tmp_path, agents, count=1, tokens=secret)
     assert main(["-d", str(devices), "send", "d0", "ping"]) == 1  # no token in the environment yet
     out, err = capsys.readouterr()
-    assert "unauthorized" in out + err and "token/token_env in devices.json" in out + err
+    # The hint names the variable this inventory asks for, not the default one.
+    assert "unauthorized" in out + err and "from $CLI_TEST_TOKEN (not set)" in out + err
+    assert main(["-d", str(devices), "status"]) == 1
+    row = next(line for line in capsys.readouterr()[0].splitlines() if line.startswith("d0"))
+    assert "yes (unauthorized)" in row  # it answered: reachable, and says why it refused
     monkeypatch.setenv("CLI_TEST_TOKEN", "very-secret-token")
     assert main(["-d", str(devices), "status", "--json"]) == 0
     assert main(["-d", str(devices), "deploy", handler(tmp_path), "--json"]) == 0
@@ -177,6 +181,7 @@ def test_ctrl_c_during_a_deploy_exits_130_and_says_what_to_check(tmp_path, agent
     run = subprocess.Popen([sys.executable, "-m", "fleet", "-d", str(devices), "deploy", slow, "--verify", "slow"],
                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert run.stderr is not None
+    assert run.stderr.readline().startswith("fleet: inventory ")
     assert run.stderr.readline().startswith("rolling out slow.py")  # printed once the rollout has begun
     run.send_signal(signal.SIGINT)
     out, err = run.communicate(timeout=60)
@@ -212,3 +217,54 @@ def test_demo_json_is_one_document_on_stdout_and_the_story_on_stderr():
     drift = {d["device"]: d["drift"] for d in document["status"]["devices"]}
     assert drift["raspi_pit"] == ["camera_handlers.py", "old_camera.py"] and drift["raspi_main"] == []
     assert "== fleet deploy" in run.stderr and "Starting 4 local agents" in run.stderr
+
+
+def test_the_unreachable_limit_is_checked_before_any_push(tmp_path, agents, capsys):
+    devices = inventory(tmp_path, agents, count=2, offline=True)
+    code = main(["-d", str(devices), "deploy", handler(tmp_path), "--max-unreachable", "0", "--json"])
+    document = json.loads(capsys.readouterr()[0])
+    assert code == 1 and document["halted"] and "unreachable" in document["halt_reason"]
+    assert {d["device"]: d["status"] for d in document["devices"]} == {"d0": "SKIPPED", "d1": "SKIPPED",
+                                                                        "off": "UNREACHABLE"}
+    assert main(["-d", str(devices), "log", "--only", "d0,d1", "--json"]) == 0
+    logs = json.loads(capsys.readouterr()[0])["devices"]
+    assert all(r["reply"]["entries"] == [] for r in logs)  # nothing was pushed anywhere
+
+
+def test_verify_takes_a_command_with_arguments(tmp_path, agents, capsys):
+    devices = inventory(tmp_path, agents, count=1)
+    greet = "def handle_greet(data):\n    return {'success': data.get('name') == 'x', 'error': 'who?'}\n"
+    assert main(["-d", str(devices), "deploy", handler(tmp_path, greet, "greet.py"), "--verify", "greet name=x"]) == 0
+    capsys.readouterr()
+    greet2 = greet.replace("'who?'", "'who are you?'")
+    code = main(["-d", str(devices), "deploy", handler(tmp_path, greet2, "greet.py"), "--verify", "greet name=y"])
+    assert code == 1 and "who are you?" in capsys.readouterr()[0]
+    assert main(["-d", str(devices), "deploy", handler(tmp_path, greet2, "greet.py"), "--verify", "greet 'x"]) == 2
+
+
+def test_every_json_document_calls_the_per_device_list_devices(tmp_path, agents, capsys):
+    devices = inventory(tmp_path, agents, count=1)
+    for argv in (["status"], ["send", "all", "ping"], ["commands"], ["log"], ["deploy", handler(tmp_path)]):
+        main(["-d", str(devices), *argv, "--json"])
+        document = json.loads(capsys.readouterr()[0])
+        assert [d["device"] for d in document["devices"]] == ["d0"], argv
+
+
+@pytest.mark.parametrize("command", ["status", "deploy", "rollback", "send", "commands", "backups", "log", "demo"])
+def test_every_subcommand_help_has_a_description_and_an_example(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr()[0]
+    description = text.split("\n\n")[1]
+    assert not description.lstrip().startswith(("options:", "positional")), text
+    assert "Example:\n  fleet " + command in text
+
+
+def test_every_command_says_which_inventory_it_read(tmp_path, agents, capsys, monkeypatch):
+    devices = inventory(tmp_path, agents, count=1)
+    main(["-d", str(devices), "status"])
+    assert f"fleet: inventory {devices}, 1 device(s)" in capsys.readouterr()[1]
+    monkeypatch.chdir(tmp_path / "agents")  # no ./devices.json here
+    monkeypatch.delenv("FLEET_DEVICES", raising=False)
+    main(["commands", "--timeout", "2"])
+    assert "(the project's sample: local agents on 127.0.0.1)" in capsys.readouterr()[1]
