@@ -34,6 +34,7 @@ MAX_REPLY_BYTES = 64 * 1024 * 1024
 READ_SIZE = 16 * 1024  # per connection, for the life of the connection: 16 MiB for 1,000 devices
 # Timeouts (seconds)
 DEFAULT_HEARTBEAT = 15.0
+FIRST_HEARTBEAT = 2.0  # seconds after connecting, when nothing has been answered yet
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 
@@ -177,6 +178,7 @@ class DeviceConnection:
         self._background: Optional[asyncio.Task] = None
         self._lost: Optional[asyncio.Event] = None  # set when the connection drops, wakes the keep-alive loop
         self.connected_at: Optional[float] = None
+        self._opened = 0.0  # time.monotonic() of the current connection
         self.last_error: Optional[str] = None
         self.last_reply_at: Optional[float] = None
         self.reconnects = 0
@@ -212,6 +214,7 @@ class DeviceConnection:
         self._transport = transport  # type: ignore[assignment]
         self._lost = asyncio.Event()
         self.connected_at = time.time()
+        self._opened = time.monotonic()
         self.last_error = None
         if self.keepalive and (self._background is None or self._background.done()):
             self._background = asyncio.ensure_future(self._keep_alive())
@@ -316,13 +319,17 @@ class DeviceConnection:
             if self.connected:
                 attempt = 0
                 assert self._lost is not None
+                # A connection nothing has answered on yet says who it is soon: the agent closes one that
+                # sends no authenticated request for 10 s (its defence against strangers holding slots).
+                fresh = (self.last_reply_at or 0) < self._opened
                 try:
-                    await asyncio.wait_for(self._lost.wait(), self.heartbeat)
+                    await asyncio.wait_for(self._lost.wait(), min(self.heartbeat, FIRST_HEARTBEAT) if fresh
+                                           else self.heartbeat)
                     continue  # dropped: go straight to reconnecting
                 except asyncio.TimeoutError:
                     pass
                 idle = time.monotonic() - (self.last_reply_at or 0)
-                if self.connected and idle >= self.heartbeat:
+                if self.connected and (idle >= self.heartbeat or fresh):
                     try:
                         await self.request({"command": "ping"}, timeout=min(self.heartbeat, 10.0))
                     except (DeviceUnreachable, CommandTimeout, ProtocolError) as exc:

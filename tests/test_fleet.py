@@ -651,3 +651,15 @@ def test_amounts_parse_counts_and_percentages():
     with pytest.raises(ConfigError):
         RolloutPlan(batch="0")
     assert str(RolloutPlan().batch) == "25%" and str(RolloutPlan(max_failures="3").max_failures) == "3"
+
+
+async def test_an_idle_controller_connection_authenticates_before_the_agent_closes_strangers(start_agent):
+    agent = await start_agent(token="t0k", unauthenticated_timeout=4.0)
+    device = Device(id="d0", host="127.0.0.1", port=agent.address[1], token="t0k")
+    async with Fleet([device], keepalive=True) as fleet:  # a long-lived controller, idle after connecting
+        await fleet.connect()
+        connection = fleet._connection("d0")
+        await wait_until(lambda: connection.last_reply_at is not None, what="the first heartbeat")
+        server_side = next(iter(agent.server.connections))
+        assert server_side.state.authenticated  # well before the agent's 4 s for strangers
+        assert connection.connected

@@ -99,7 +99,12 @@ class Connection {
     socket.on('error', (err) => { this.lastError = err.code || err.message; });
     socket.on('close', () => this.onClose());
     this.fleet.emit('connected', this.config.id);
-    if (this.options.heartbeatInterval > 0) this.startHeartbeat();
+    if (this.options.heartbeatInterval > 0) {
+      this.startHeartbeat();
+      // Say who we are at once: the agent closes a connection that sends no authenticated request for
+      // 10 s (so that strangers cannot hold its connection slots), and the first heartbeat is later.
+      this.request({ command: 'ping' }, 10000).catch(() => {});
+    }
   }
 
   onData(chunk) {
