@@ -51,6 +51,9 @@ class Recovery:
         self.integrity: Dict[str, Dict[str, Any]] = {}  # findings at start, by module name
         self.auto_rollbacks: List[Dict[str, Any]] = []
         self._background: Set["asyncio.Task[Any]"] = set()
+        # Modules recovery could not quarantine (the card refused): not loaded by this start either, or a
+        # version that killed the agent would kill it at every start.
+        self._held_back: Set[str] = set()
 
     def finding(self, name: str, status: str, detail: str, *, error: bool = False) -> None:
         self.integrity[name] = {"file": f"{name}.py", "status": status, "detail": detail}
@@ -63,6 +66,8 @@ class Recovery:
             await self._recover(record, "the agent stopped while loading it (it crashed, was killed or hung, "
                                         "or the device lost power)")
         for name in await run(self.store.live_names):
+            if name in self._held_back:
+                continue
             try:
                 await self._load_at_start(name)
             except OSError as exc:  # the card failed under us: start anyway, so the device can be reached
@@ -96,6 +101,7 @@ class Recovery:
             put_back = await run(self._put_back_fallback, record) if on_disk else "left as it was"
             await run(self.records.end, record)
         except OSError as exc:
+            self._held_back.add(name)
             self.registry.mark_failed(name, f"quarantined, but the card refused the change: {os_reason(exc)}")
             self.finding(name, "quarantine_failed", f"handlers/{name}.py at {record.version[:12]}: {reason}; "
                          f"it could not be put back ({os_reason(exc)}) and is not loaded", error=True)

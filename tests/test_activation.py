@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPLY_TIMEOUT, Client, sha
 from fleet.cli import main as fleet_main
-from test_deploy import deploy, version_module
+from test_deploy import DISK_LIMIT, deploy, small_disk, version_module
 
 GUARD = "import sys\nREAL = 'agent.app' in sys.modules  # never true in the import test's box\n"
 KILLERS = {
@@ -176,3 +176,21 @@ def test_fleet_status_lists_the_quarantine_under_the_table(tmp_path, spawn_agent
     out, _ = capsys.readouterr()
     assert f"ver.py at {sha(killer('os._exit'))[:12]} quarantined" in out
     assert "the agent stopped while loading it" in out
+
+
+async def test_a_version_that_cannot_be_quarantined_is_still_not_loaded_again(tmp_path, spawn_agent):
+    """The card refuses every write, so recovery cannot move the killer aside: it must still not load it."""
+    root = tmp_path / "device"
+    (root / "handlers").mkdir(parents=True)
+    (root / ".state" / "activating").mkdir(parents=True)
+    code = killer("os._exit") + "#" * DISK_LIMIT + "\n"  # too big for the card to copy into quarantine
+    (root / "handlers" / "ver.py").write_text(code)
+    record = {"name": "ver", "version": sha(code), "fallback_version": None, "action": "deploy", "started_at": 1.0}
+    (root / ".state" / "activating" / f"ver.{sha(code)[:12]}.json").write_text(json.dumps(record))
+    client = await Client.connect(spawn_agent(root=root, preexec_fn=small_disk).address)  # it starts
+    try:
+        assert (await client.call("version"))["code"] == "unknown_command"
+        (finding,) = (await client.call("get_status"))["integrity"]
+        assert finding["status"] == "quarantine_failed" and "not loaded" in finding["detail"]
+    finally:
+        await client.close()
