@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 NODE   := $(shell command -v node 2>/dev/null)
 
-.PHONY: help demo test test-python test-node bench clean
+.PHONY: help demo test test-types test-python test-agent-py39 test-node bench clean
 
 help:
 	@echo "make demo   set up .venv if needed, then roll a handler out to local agents"
@@ -22,10 +22,25 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m fleet demo
 
-test: test-python test-node
+# The agent's oldest target (Raspberry Pi OS Bullseye): python3.9 on PATH, or one that pyenv holds.
+# The first candidate that actually runs (an inactive pyenv shim does not).
+PY39   := $(shell for py in $$(ls $$(pyenv root 2>/dev/null)/versions/3.9*/bin/python3.9 2>/dev/null) $$(command -v python3.9); do \
+            $$py -c pass 2>/dev/null && echo $$py && break; done)
+
+test: test-types test-python test-agent-py39 test-node
+
+test-types: $(STAMP)
+	$(BIN)/python -m mypy agent fleet
 
 test-python: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-agent-py39:
+ifeq ($(PY39),)
+	@echo "python3.9 not found: skipping the check that the agent compiles and imports on Python 3.9"
+else
+	$(PY39) -m compileall -q agent && $(PY39) -c "import agent.app, agent.cli, agent.checks" && echo "agent: compiles and imports on $$($(PY39) --version)"
+endif
 
 test-node: $(STAMP)
 ifeq ($(NODE),)

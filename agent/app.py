@@ -83,7 +83,7 @@ class Agent:
         self.quarantine = Quarantine(state)
         self.tester = tester or ImportTester(timeout=config.import_timeout, memory_mb=config.import_memory_mb,
                                              agent_root=config.root, sandbox_user=config.sandbox_user,
-                                             hide=[config.token_file] if config.token_file else [])
+                                             hide=[str(config.token_file)] if config.token_file else [])
         self.loader = Loader(ActivationRecords(state), self._work_pool, on_stuck=self._check_stuck)
         self.probation = Probation(
             ProbationRule(config.probation_seconds, config.probation_calls, config.probation_failures),

@@ -14,7 +14,7 @@ Blocking (reads backups and the update log); call from a worker thread.
 
 from __future__ import annotations
 
-from typing import Optional, Set, Tuple
+from typing import AbstractSet, Optional, Set, Tuple
 
 from .errors import NotFound
 from .registry import sha256_hex
@@ -22,7 +22,7 @@ from .store import HandlerStore
 
 
 def choose_backup(store: HandlerStore, name: str, *, backup: Optional[str] = None,
-                  to_version: Optional[str] = None, quarantined: Set[str] = frozenset()) -> Tuple[str, bytes]:
+                  to_version: Optional[str] = None, quarantined: AbstractSet[str] = frozenset()) -> Tuple[str, bytes]:
     """``(backup name, its bytes)`` for a rollback of ``name``; ``NotFound`` says why there is none."""
     if backup is not None:
         return store.backup_name(backup), store.read_backup(name, backup)

@@ -45,7 +45,7 @@ import types
 try:  # here, once: imported in each box it would be loaded afresh, from disk, by every test
     import resource
 except ImportError:
-    resource = None
+    resource = None  # type: ignore[assignment]
 
 # Modules most handlers import: loading them once here makes each forked
 # child start warm. This changes nothing a module can observe except speed.

@@ -10,7 +10,7 @@ learns before its walk what the module binds (``collect_aliases``,
 from __future__ import annotations
 
 import ast
-from typing import Any, Iterable, Iterator, Optional, Set
+from typing import Any, Iterable, Iterator, List, Optional, Set
 
 from .lint_rules import BUILTIN_NAMES, carries_shell
 
@@ -150,7 +150,7 @@ def function_bindings(node: ast.AST) -> Set[str]:
 
 
 def _outside_functions(body: Iterable[ast.stmt]) -> Iterator[ast.AST]:
-    stack = list(body)
+    stack: List[ast.AST] = list(body)
     while stack:
         node = stack.pop()
         yield node

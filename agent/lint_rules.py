@@ -70,8 +70,8 @@ def check_call(scanner: Any, node: ast.Call) -> None:
         scanner.dangerous("pkgutil.resolve_name(<computed name>)", node)
     elif name in STRING_RUNNERS and _code_as_string(scanner, node):
         scanner.dangerous(f"{name}(<code in a string>)", node)
-    elif name in REMOVERS and node.args and _literal(node.args[0]) and harmful_removal(name, node.args[0].value):
-        scanner.dangerous(f"{name}({node.args[0].value!r})", node)  # type: ignore[attr-defined]
+    elif name in REMOVERS and node.args and harmful_removal(name, _text(node.args[0]) or ""):
+        scanner.dangerous(f"{name}({_text(node.args[0])!r})", node)
     elif name == "time.sleep" and scanner.in_async:
         scanner.warn("style", "time.sleep( in an async handler blocks the agent's event loop; use await asyncio.sleep(",
                      node)
@@ -100,12 +100,17 @@ def _methodcaller_target(scanner: Any, node: ast.Call) -> Optional[str]:
     if (isinstance(caller, ast.Call) and scanner.resolve(caller.func) == "operator.methodcaller"
             and caller.args and _literal(caller.args[0]) and node.args):
         base = scanner.resolve(node.args[0])
-        return f"{base}.{caller.args[0].value}" if base else None  # type: ignore[attr-defined]
+        return f"{base}.{_text(caller.args[0])}" if base else None
     return None
 
 
 def _literal(node: ast.AST) -> bool:
     return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+
+def _text(node: ast.AST) -> Optional[str]:
+    """The string a literal holds, or None for anything else."""
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
 def _truthy(node: ast.AST) -> bool:
@@ -125,8 +130,7 @@ def _shell_true(scanner: Any, node: ast.Call) -> bool:
 def carries_shell(value: ast.AST, shell_names: Any) -> bool:
     """A dict expression that sets ``shell`` to something true."""
     if isinstance(value, ast.Dict):
-        return any(_literal(k) and k.value == "shell" and _truthy(v)  # type: ignore[union-attr]
-                   for k, v in zip(value.keys, value.values) if k is not None)
+        return any(k is not None and _text(k) == "shell" and _truthy(v) for k, v in zip(value.keys, value.values))
     if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "dict":
         return any(k.arg == "shell" and _truthy(k.value) for k in value.keywords)
     return isinstance(value, ast.Name) and value.id in shell_names
@@ -155,8 +159,9 @@ _EXECUTABLE = "\0sys.executable"  # stands for the interpreter itself among argu
 
 
 def _word(scanner: Any, node: ast.AST) -> Optional[str]:
-    if _literal(node):
-        return node.value  # type: ignore[attr-defined]
+    text = _text(node)
+    if text is not None:
+        return text
     return _EXECUTABLE if scanner.resolve(node) == "sys.executable" else None
 
 
@@ -183,7 +188,8 @@ def _rm_in_arguments(scanner: Any, node: ast.Call) -> bool:
     """An ``rm -r`` in a string handed to something that runs programs, directly or through a variable."""
     for argument in list(node.args) + [k.value for k in node.keywords]:
         for part in ast.walk(argument):
-            if _literal(part) and is_rm_string(part.value):  # type: ignore[attr-defined]
+            text = _text(part)
+            if text is not None and is_rm_string(text):
                 return True
             if isinstance(part, ast.Name) and any(is_rm_string(text) for text in scanner.strings.get(part.id, ())):
                 return True

@@ -113,7 +113,7 @@ class Recovery:
         """Write the version to go back to (or remove the file); says what it did. Blocking."""
         name, fallback = record.name, record.fallback_version
         data = self._bytes_of(name, fallback) if fallback else None
-        if data is None:
+        if fallback is None or data is None:
             self.store.remove_live(name)
             self.store.remove_good(name)
             self.store.append_log(log_entry("quarantine", name, None, record.version, reason="left out"))
