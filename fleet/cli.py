@@ -19,10 +19,11 @@ import textwrap
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from . import tables
+from . import release_cli, tables
 from .errors import ConfigError
 from .fleet import DEFAULT_CONCURRENCY, Fleet
 from .inventory import Inventory, load_inventory
+from .state import STATE_ENV, StateStore, state_path
 from .text import lines, visible
 from .results import DeviceResult, Status, short
 from .rollout import RolloutPlan, deploy, read_handler
@@ -59,6 +60,9 @@ def _common_options(after_subcommand: bool) -> argparse.ArgumentParser:
     common.add_argument("--concurrency", type=int, default=default(DEFAULT_CONCURRENCY),
                         help=f"requests in flight at once across the fleet (default {DEFAULT_CONCURRENCY})")
     common.add_argument("-v", "--verbose", action="store_true", default=default(False), help="log connection details")
+    common.add_argument("--state", default=default(None), metavar="PATH",
+                        help=f"the controller's state file (default ${STATE_ENV}, or .pifleet/state.db beside the "
+                             "inventory)")
     return common
 
 
@@ -98,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          help="entries per device (default 5)")
     _subcommand(sub, "demo", [common]).add_argument("--agents", type=int, default=4,
                                                     help="local agents to start (default 4, at least 3)")
+    release_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
     return parser
 
 
@@ -131,6 +136,12 @@ SUBCOMMANDS = {
     "log": ("recent deploys, rollbacks and deletes on each device",
             "Show each device's update log: deploys, rollbacks, deletes, restores and quarantines, newest first.",
             "fleet log --limit 10"),
+    "release": ("make a release, or show one (create, show)",
+                "Releases are immutable, numbered sets of handler files, kept in the controller's state file.",
+                "fleet release create handlers/camera_handlers.py -m 'finish-line camera'"),
+    "releases": ("list the releases, newest first",
+                 "List the releases in the controller's state file, newest first: number, when, who, files, message.",
+                 "fleet releases --limit 5"),
     "demo": ("start local agents and roll the camera handler out to them",
              "Start local agents on 127.0.0.1 in a temporary folder and run the main job against them: a rollout "
              "in waves with an offline device and one that refuses, recordings, status, rollback.",
@@ -324,9 +335,15 @@ async def run(args: argparse.Namespace) -> int:
         return await run_demo(agents=args.agents, as_json=args.json)
     path = Path(args.devices or default_devices())
     inventory = load_inventory(path)
-    # Say which file: without ./devices.json the project's sample (local agents) is used, and must not be a surprise.
+    # Say which files: without ./devices.json the project's sample (local agents) is used, and must not be a surprise.
     sample = " (the project's sample: local agents on 127.0.0.1)" if path.resolve() == REPO_DEVICES.resolve() else ""
-    print(visible(f"fleet: inventory {path}{sample}, {len(inventory.devices)} device(s)"), file=sys.stderr)
+    used = f"fleet: inventory {path}{sample}, {len(inventory.devices)} device(s)"
+    if args.command in ("release", "releases"):
+        state = state_path(args.state, path, os.environ)
+        print(visible(f"{used}; state {state}"), file=sys.stderr)
+        with StateStore(state) as store:
+            return release_cli.run(args, store)
+    print(visible(used), file=sys.stderr)
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError("--timeout must be a positive number of seconds")
     if args.concurrency < 1:

@@ -250,7 +250,8 @@ def test_every_json_document_calls_the_per_device_list_devices(tmp_path, agents,
         assert [d["device"] for d in document["devices"]] == ["d0"], argv
 
 
-@pytest.mark.parametrize("command", ["status", "deploy", "rollback", "send", "commands", "backups", "log", "demo"])
+@pytest.mark.parametrize("command", ["status", "deploy", "rollback", "send", "commands", "backups", "log", "demo",
+                                     "release", "releases"])
 def test_every_subcommand_help_has_a_description_and_an_example(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
@@ -268,3 +269,25 @@ def test_every_command_says_which_inventory_it_read(tmp_path, agents, capsys, mo
     monkeypatch.delenv("FLEET_DEVICES", raising=False)
     main(["commands", "--timeout", "2"])
     assert "(the project's sample: local agents on 127.0.0.1)" in capsys.readouterr()[1]
+
+
+def test_releases_are_made_listed_and_shown_from_the_state_file(tmp_path, capsys):
+    devices = tmp_path / "site" / "devices.json"
+    devices.parent.mkdir()
+    devices.write_text(json.dumps({"raspberryPiDevices": [{"id": "d0", "host": "127.0.0.1"}]}))
+    cam, system = handler(tmp_path, V1, "cam.py"), handler(tmp_path, V2.replace("version", "sys"), "sys.py")
+    assert main(["-d", str(devices), "release", "create", cam, system, "-m", "first", "--json"]) == 0
+    out, err = capsys.readouterr()
+    made = json.loads(out)
+    assert made["created"] and made["release"]["number"] == 1 and set(made["release"]["files"]) == {"cam.py", "sys.py"}
+    assert f"state {devices.parent / '.pifleet' / 'state.db'}" in err  # beside the inventory
+    assert main(["-d", str(devices), "release", "create", system, cam, "-m", "same files"]) == 0
+    assert "release 1 already holds exactly these files" in capsys.readouterr()[0]
+    assert main(["-d", str(devices), "releases"]) == 0
+    row = capsys.readouterr()[0].splitlines()[2].split()
+    assert row[0] == "1" and "first" in row
+    assert main(["-d", str(devices), "release", "show", "1"]) == 0
+    assert "cam.py" in capsys.readouterr()[0]
+    assert main(["-d", str(devices), "release", "show", "2"]) == 2
+    assert "there is no release 2" in capsys.readouterr()[1]
+    assert main(["-d", str(devices), "release", "create", str(tmp_path / "missing.py"), "-m", "x"]) == 2

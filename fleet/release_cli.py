@@ -1,0 +1,91 @@
+"""``fleet release create|show`` and ``fleet releases``: the CLI face of the release store (``state``).
+
+A release is an immutable, numbered set of handler files. Making one pushes
+nothing: it names a set of versions that a deploy or a rollback can then
+refer to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import socket
+from pathlib import Path
+from typing import Any, Dict, List
+
+from .results import short
+from .rollout import read_handler
+from .state import Release, StateStore
+from .tables import ago
+from .text import grid, lines
+
+
+def add_commands(sub: Any, make: Any, parents: List[argparse.ArgumentParser]) -> None:
+    """Add ``release`` (``create``, ``show``) and ``releases``; ``make(sub, name)`` builds a subcommand,
+    ``parents`` are the options every subcommand takes (``--state``, ``--json``, ...)."""
+    release = make(sub, "release")
+    actions = release.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = actions.add_parser("create", parents=parents, help="make a release from handler files (pushes nothing)",
+                                description="Make a release: an immutable, numbered set of handler files. "
+                                            "The same files make the same release.",
+                                epilog="Example:\n  fleet release create handlers/camera_handlers.py "
+                                       "handlers/system_handlers.py -m 'finish-line camera'",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    create.add_argument("files", nargs="+", metavar="FILE", help="handler files, e.g. handlers/camera_handlers.py")
+    create.add_argument("-m", "--message", required=True, help="what this release is for")
+    show = actions.add_parser("show", parents=parents, help="the files of one release", description="Show one release: its files "
+                              "and their versions, its message, who made it and when.",
+                              epilog="Example:\n  fleet release show 3", formatter_class=argparse.RawDescriptionHelpFormatter)
+    show.add_argument("number", type=int, help="release number (see `fleet releases`)")
+    make(sub, "releases").add_argument("--limit", type=int, default=20, help="newest releases shown (default 20)")
+
+
+def run(args: argparse.Namespace, store: StateStore) -> int:
+    if args.command == "releases":
+        found = store.releases(args.limit)
+        emit(args, {"releases": [as_dict(r) for r in found]}, releases_table(found))
+    elif args.action == "create":
+        files = dict(read_handler(Path(path)) for path in args.files)
+        release, created = store.record_release({name: code.encode("utf-8") for name, code in files.items()},
+                                                message=args.message, author=author())
+        summary = (f"release {release.number}: {len(release.files)} file(s)" if created else
+                   f"release {release.number} already holds exactly these files; nothing new was made")
+        emit(args, {"release": as_dict(release), "created": created}, lines([summary]) + "\n" + show_text(release))
+    else:
+        release = store.release(args.number)
+        emit(args, {"release": as_dict(release)}, show_text(release))
+    return 0
+
+
+def emit(args: argparse.Namespace, document: Dict[str, Any], text: str) -> None:
+    print(json.dumps(document, indent=2) if args.json else text)
+
+
+def author() -> str:
+    """Who made a release, as ``user@host``: for people reading ``fleet releases`` later."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def as_dict(release: Release) -> Dict[str, Any]:
+    return {"number": release.number, "message": release.message, "author": release.author,
+            "created": release.created, "files": release.files}
+
+
+def releases_table(releases: List[Release]) -> str:
+    if not releases:
+        return "no releases yet: `fleet release create FILE... -m MESSAGE` makes one"
+    rows = [[r.number, ago(r.created), r.author, ", ".join(r.files), r.message] for r in releases]
+    return grid(rows, ["release", "made", "by", "files", "message"])
+
+
+def show_text(release: Release) -> str:
+    header = lines([f"release {release.number}: {release.message}",
+                    f"made by {release.author}, {ago(release.created)}"])
+    table = grid([[name, short(sha), sha] for name, sha in release.files.items()], ["file", "version", "sha256"])
+    return f"{header}\n\n{table}"
+

@@ -1,0 +1,100 @@
+"""The controller's state store: a real SQLite file, migrations, releases, and a kill at any moment."""
+
+import hashlib
+import signal
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from fleet.errors import ConfigError
+from fleet.state import MIGRATIONS, StateStore, UnknownRelease, state_path
+
+CAM = b"def handle_cam(data):\n    return {}\n"
+SYS = b"def handle_sys(data):\n    return {}\n"
+
+
+def test_a_new_store_is_at_the_latest_schema_in_wal_mode(tmp_path):
+    with StateStore(tmp_path / "s" / "state.db") as store:
+        assert store.schema_version == len(MIGRATIONS)
+    db = sqlite3.connect(str(tmp_path / "s" / "state.db"))
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+
+
+def test_the_same_files_are_the_same_release_and_contents_are_stored_once(tmp_path):
+    with StateStore(tmp_path / "state.db") as store:
+        first, created = store.record_release({"cam.py": CAM, "sys.py": SYS}, message="two files", author="ann")
+        assert created and first.number == 1
+        assert first.files == {"cam.py": hashlib.sha256(CAM).hexdigest(), "sys.py": hashlib.sha256(SYS).hexdigest()}
+        again, created = store.record_release({"sys.py": SYS, "cam.py": CAM}, message="other words", author="bob")
+        assert not created and again == first  # immutable: the first message and author stay
+        second, created = store.record_release({"cam.py": CAM}, message="one file", author="ann")
+        assert created and second.number == 2
+        assert store.content(first.files["cam.py"]) == CAM
+        assert [r.number for r in store.releases()] == [2, 1]
+    db = sqlite3.connect(str(tmp_path / "state.db"))
+    assert db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0] == 2
+    db.close()
+
+
+def test_releases_survive_a_reopen_and_unknown_ones_say_how_to_list_them(tmp_path):
+    with StateStore(tmp_path / "state.db") as store:
+        store.record_release({"cam.py": CAM}, message="m", author="a", now=1000.0)
+    with StateStore(tmp_path / "state.db") as store:
+        release = store.release(1)
+        assert (release.message, release.author, release.created) == ("m", "a", 1000.0)
+        with pytest.raises(UnknownRelease, match="fleet releases"):
+            store.release(7)
+        with pytest.raises(ConfigError, match="at least one handler file"):
+            store.record_release({}, message="m", author="a")
+
+
+def test_a_database_from_a_newer_pifleet_is_refused_not_damaged(tmp_path):
+    path = tmp_path / "state.db"
+    StateStore(path).close()
+    db = sqlite3.connect(str(path))
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    db.close()
+    with pytest.raises(ConfigError, match="newer pifleet"):
+        StateStore(path)
+
+
+def test_the_state_file_is_beside_the_inventory_unless_told(tmp_path):
+    inventory = tmp_path / "site" / "devices.json"
+    assert state_path(None, inventory, {}) == tmp_path / "site" / ".pifleet" / "state.db"
+    assert state_path(None, inventory, {"PIFLEET_STATE": "/x/s.db"}) == tmp_path.joinpath("/x/s.db")
+    assert state_path("/y/s.db", inventory, {"PIFLEET_STATE": "/x/s.db"}) == tmp_path.joinpath("/y/s.db")
+
+
+WRITER = r"""
+import sys
+from fleet.state import StateStore
+store = StateStore(__import__("pathlib").Path(sys.argv[1]))
+n = 0
+while True:
+    n += 1
+    store.record_release({"a.py": b"A = %d\n" % n, "b.py": b"B = %d\n" % n}, message=str(n), author="w")
+    print(n, flush=True)
+"""
+
+
+def test_a_controller_killed_while_writing_loses_no_release_it_finished(tmp_path):
+    path = tmp_path / "state.db"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None
+    finished = 0
+    while finished < 40:  # kill it mid-stride, after 40 releases it said were done
+        finished = int(writer.stdout.readline())
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=10)
+    writer.stdout.close()
+    with StateStore(path) as store:
+        releases = store.releases()
+        assert releases[0].number >= finished
+        for release in releases:  # every release is whole: both files, both contents
+            assert set(release.files) == {"a.py", "b.py"}
+            for sha in release.files.values():
+                assert hashlib.sha256(store.content(sha)).hexdigest() == sha
