@@ -26,6 +26,7 @@ class Change:
     rule: Optional[ProbationRule] = None  # probation after it; pushes only
     restored_from: Optional[str] = None  # the backup a rollback restores
     reason: Optional[str] = None  # why, when the agent decided it by itself
+    release: Optional[int] = None  # the controller's release number, when a push names one
 
 
 @dataclass

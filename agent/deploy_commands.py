@@ -28,7 +28,7 @@ MAX_LOG_LIMIT = 1000
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 # Deploy arguments added after the seed's, listed in get_status so a controller can tell which agents
 # honour them: an older agent ignores an argument it does not know, and a controller must not rely on it.
-DEPLOY_FEATURES = ("if_version", "to_version", "force")
+DEPLOY_FEATURES = ("if_version", "to_version", "force", "release")
 
 
 class DeployCommands:
@@ -52,9 +52,12 @@ class DeployCommands:
         expected = args.get("sha256")
         if expected is not None and not isinstance(expected, str):
             raise BadRequest("'sha256' must be the hex sha256 of the code")
+        release = args.get("release")
+        if release is not None and (isinstance(release, bool) or not isinstance(release, int) or release < 1):
+            raise BadRequest(f"'release' must be the controller's release number (a whole number from 1), got {release!r}")
         outcome = await self.pipeline.update(
             name, source, sha256=expected, dry_run=_flag(args, "dry_run"),
-            rule=self.pipeline.probation.rule_from(args.get("probation")), force=_flag(args, "force"))
+            rule=self.pipeline.probation.rule_from(args.get("probation")), force=_flag(args, "force"), release=release)
         return _updated(outcome)
 
     async def rollback_handler(self, request: Request) -> Dict[str, Any]:

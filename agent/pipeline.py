@@ -87,8 +87,9 @@ class DeployPipeline:
     # The service
 
     async def update(self, name: str, source: bytes, *, sha256: Optional[str] = None, dry_run: bool = False,
-                     rule: Optional[ProbationRule] = None, force: bool = False) -> Outcome:
-        """Push ``source`` as handlers/NAME.py. ``force`` lets a quarantined version be tried again."""
+                     rule: Optional[ProbationRule] = None, force: bool = False, release: Optional[int] = None) -> Outcome:
+        """Push ``source`` as handlers/NAME.py. ``force`` lets a quarantined version be tried again;
+        ``release`` is the controller's release number, kept with the version (log, ``get_status``)."""
         version = sha256_hex(source)
         if sha256 is not None and sha256.lower() != version:
             raise ChecksumMismatch(
@@ -96,7 +97,7 @@ class DeployPipeline:
                 f"{sha256}; the transfer was corrupted or the wrong file was sent, nothing was changed")
         async with self.lock(name):
             await self._unless_quarantined(name, version, force=force, dry_run=dry_run)
-            return await self.change(name, source, Change("deploy", rule=rule), dry_run=dry_run)
+            return await self.change(name, source, Change("deploy", rule=rule, release=release), dry_run=dry_run)
 
     async def rollback(self, name: str, *, backup: Optional[str] = None, to_version: Optional[str] = None,
                        if_version: Optional[str] = None, force: bool = False) -> Union[Outcome, Untouched]:
@@ -108,16 +109,20 @@ class DeployPipeline:
             quarantined = set(await self.run(self.quarantine.versions, name))
             chosen, source = await self.run(functools.partial(
                 choose_backup, self.store, name, backup=backup, to_version=to_version, quarantined=quarantined))
-            await self._unless_quarantined(name, sha256_hex(source), force=force)
-            return await self.change(name, source, Change("rollback", restored_from=chosen))
+            version = sha256_hex(source)
+            await self._unless_quarantined(name, version, force=force)
+            release = await self.run(self.store.release_of, name, version)
+            return await self.change(name, source, Change("rollback", restored_from=chosen, release=release))
 
     async def reload(self, name: str) -> Outcome:
         async with self.lock(name):
             source = await self.run(self.store.read_live, name)
             if source is None:
                 raise NotFound(f"handlers/{name}.py does not exist on this device")
-            await self._unless_quarantined(name, sha256_hex(source), force=False)
-            return await self.change(name, source, Change("reload", writes_file=False))
+            version = sha256_hex(source)
+            await self._unless_quarantined(name, version, force=False)
+            release = await self.run(self.store.release_of, name, version)
+            return await self.change(name, source, Change("reload", writes_file=False, release=release))
 
     async def delete(self, name: str, *, keep_backup: bool = True,
                      if_version: Optional[str] = None) -> Union[Removal, Untouched]:
@@ -177,12 +182,13 @@ class DeployPipeline:
         module, handover = await self._activate(record, change, text, source, live, backup, report)
         if handover:
             report.warnings.append(Issue("runtime", handover))
+        module.release = change.release
         # From here the new version is live: a failure to write the records below is a warning, not a failure.
         unrecorded = [await self._recorded("saving the last good copy", self.store.save_good, name, source)]
         watch = self.probation.start(name, version, backup, change.rule)
         unrecorded.append(await self._recorded("writing the update log", self.store.append_log, log_entry(
             change.action, name, version, live_version, backup=backup, restored_from=change.restored_from,
-            commands=list(module.commands), reason=change.reason)))
+            commands=list(module.commands), reason=change.reason, release=change.release)))
         report.warnings.extend(Issue("storage", text) for text in made_anyway(unrecorded))
         log.info("%s handlers/%s.py: %s -> %s, %d command(s), backup %s", change.action, name,
                  (live_version or "none")[:12], version[:12], len(module.commands), backup or "none")

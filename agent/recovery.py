@@ -237,6 +237,7 @@ class Recovery:
                 except asyncio.TimeoutError:
                     await self._recover(record, f"it did not finish loading within {timeout:g} s")
                     return f"did not finish loading within {timeout:g} s; quarantined"
+                module.release = await self.pipeline.run(self.store.release_of, name, version)
                 self.registry.install(module)
         except AgentError as exc:
             return exc.message
@@ -268,8 +269,9 @@ class Recovery:
                     event.update(to_version=None, outcome="unloaded")
                 else:
                     source = await self.pipeline.run(self.store.read_backup, name, watch.backup)
+                    release = await self.pipeline.run(self.store.release_of, name, sha256_hex(source))
                     outcome = await self.pipeline.change(name, source, Change(
-                        "auto_rollback", restored_from=watch.backup, reason=reason))
+                        "auto_rollback", restored_from=watch.backup, reason=reason, release=release))
                     event.update(to_version=outcome.version, outcome="rolled_back")
             except AgentError as exc:
                 event.update(outcome="failed", error=exc.message)

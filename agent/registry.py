@@ -47,6 +47,7 @@ class LoadedModule:
     sha256: str
     commands: Dict[str, Callable[..., Any]]
     loaded_at: float = field(default_factory=time.time)
+    release: Optional[int] = None  # the controller's release this version came with, when it said
 
     @property
     def filename(self) -> str:
@@ -58,6 +59,7 @@ class LoadedModule:
             "sha256": self.sha256,
             "commands": sorted(self.commands),
             "loaded_at": self.loaded_at,
+            "release": self.release,
         }
 
 

@@ -266,6 +266,14 @@ class HandlerStore:
             handle.flush()
             os.fsync(handle.fileno())
 
+    def release_of(self, name: str, version: str) -> Optional[int]:
+        """The release a version of handler ``name`` last came with, from the update log; None if never told."""
+        for entry in self.read_log():  # newest first
+            if entry.get("file") == f"{name}.py" and entry.get("version") == version and entry.get("release"):
+                release = entry["release"]
+                return release if isinstance(release, int) and not isinstance(release, bool) else None
+        return None
+
     def read_log(self, limit: Optional[int] = None) -> List[Dict[str, Any]]:
         """Log entries newest first. A line torn by a crash is skipped, not fatal."""
         entries: List[Dict[str, Any]] = []

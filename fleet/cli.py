@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USES_STATE = ("deploy", "release", "releases")  # the subcommands that read or write the state file
+
 # Each subcommand: its line in `fleet --help`, what its own --help says, and an example.
 SUBCOMMANDS = {
     "status": ("per-device status table (versions, drift, uptime)",
@@ -172,6 +174,8 @@ def _add_deploy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="run every check on every device; change nothing")
     p.add_argument("--no-probation", action="store_true",
                    help="do not let agents roll the new code back by themselves if it keeps failing at first")
+    p.add_argument("-m", "--message", default=None,
+                   help="what the release this deploy makes is for (default: 'fleet deploy FILE')")
     p.add_argument("--force", action="store_true",
                    help="push even to devices that quarantined this version (it killed or hung their agent "
                         "when loaded; `fleet status` lists quarantined versions)")
@@ -249,18 +253,26 @@ async def cmd_status(fleet: Fleet, inventory: Inventory, ids: List[str], args: a
 
 
 async def cmd_deploy(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
+    filename, code = read_handler(Path(args.file))
+    release = None
+    if not args.dry_run:  # a dry run changes nothing, the controller's records included
+        with StateStore(args.state_file) as store:
+            release, _ = store.record_release({filename: code.encode("utf-8")}, author=release_cli.author(),
+                                              message=args.message or f"fleet deploy {filename}")
     plan = RolloutPlan(canary=args.canary, batch=args.batch, max_failures=args.max_failures,
                        max_unreachable=args.max_unreachable, **verify_options(args.verify),
                        rollback_on_failure=args.rollback_on_failure, dry_run=args.dry_run,
-                       probation=not args.no_probation, force=args.force, timeout=args.timeout)
-    filename, _ = read_handler(Path(args.file))
-    print(f"rolling out {filename} to {len(ids)} device(s): canary {plan.canary}, batch {plan.batch}, "
+                       probation=not args.no_probation, force=args.force, timeout=args.timeout,
+                       release=release.number if release else None)
+    print(f"rolling out {filename}{f' (release {release.number})' if release else ''} to {len(ids)} device(s): "
+          f"canary {plan.canary}, batch {plan.batch}, "
           f"max failures {plan.max_failures}{', verify ' + plan.verify if plan.verify else ''}"
           f"{', DRY RUN' if plan.dry_run else ''}", file=sys.stderr, flush=True)
     report = await deploy(fleet, args.file, ids, plan, on_result=out.progress(len(ids)))
     summary = lines([f"HALTED: {report.halt_reason}"] * report.halted
                     + [f"{report.filename} version {short(report.version)}: {report.tally()} in {report.seconds:.1f}s"])
-    out.emit(report.as_dict(), tables.rollout_table(list(report.results.values())) + "\n\n" + summary)
+    out.emit({**report.as_dict(), "release": release.number if release else None},
+             tables.rollout_table(list(report.results.values())) + "\n\n" + summary)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -338,12 +350,13 @@ async def run(args: argparse.Namespace) -> int:
     # Say which files: without ./devices.json the project's sample (local agents) is used, and must not be a surprise.
     sample = " (the project's sample: local agents on 127.0.0.1)" if path.resolve() == REPO_DEVICES.resolve() else ""
     used = f"fleet: inventory {path}{sample}, {len(inventory.devices)} device(s)"
-    if args.command in ("release", "releases"):
-        state = state_path(args.state, path, os.environ)
-        print(visible(f"{used}; state {state}"), file=sys.stderr)
-        with StateStore(state) as store:
-            return release_cli.run(args, store)
+    args.state_file = state_path(args.state, path, os.environ)
+    if args.command in USES_STATE and not getattr(args, "dry_run", False):
+        used += f"; state {args.state_file}"
     print(visible(used), file=sys.stderr)
+    if args.command in ("release", "releases"):
+        with StateStore(args.state_file) as store:
+            return release_cli.run(args, store)
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError("--timeout must be a positive number of seconds")
     if args.concurrency < 1:

@@ -79,6 +79,7 @@ class RolloutPlan:
     dry_run: bool = False
     probation: bool = True
     force: bool = False  # push even a version a device quarantined (it killed or hung that agent once)
+    release: Optional[int] = None  # the release this push belongs to, told to each agent
     timeout: Optional[float] = None
 
     def __post_init__(self) -> None:
@@ -181,7 +182,8 @@ class Rollout:
         # Encoded once for the whole fleet: the code is the bulk of every push.
         self._push_body = encode_shared_request({"command": "update_handler", "filename": filename, "code": code,
                                        "sha256": self.version, "dry_run": plan.dry_run, "probation": plan.probation,
-                                                  **({"force": True} if plan.force else {})})
+                                                  **({"force": True} if plan.force else {}),
+                                                  **({"release": plan.release} if plan.release else {})})
         self._list_body = encode_shared_request({"command": "list_commands"})
         self._verify_body = encode_shared_request({**plan.verify_args, "command": plan.verify}) if plan.verify else b""
 

@@ -291,3 +291,17 @@ def test_releases_are_made_listed_and_shown_from_the_state_file(tmp_path, capsys
     assert main(["-d", str(devices), "release", "show", "2"]) == 2
     assert "there is no release 2" in capsys.readouterr()[1]
     assert main(["-d", str(devices), "release", "create", str(tmp_path / "missing.py"), "-m", "x"]) == 2
+
+
+def test_a_deploy_makes_a_release_and_tells_each_agent_its_number(tmp_path, agents, capsys):
+    devices = inventory(tmp_path, agents, count=2)
+    assert main(["-d", str(devices), "deploy", handler(tmp_path), "-m", "version one", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["release"] == 1 and "rolling out ver.py (release 1)" in err
+    assert main(["-d", str(devices), "status", "--json"]) == 0
+    for device in json.loads(capsys.readouterr()[0])["devices"]:
+        assert [m["release"] for m in device["agent"]["modules"]] == [1]
+    assert main(["-d", str(devices), "deploy", handler(tmp_path, V2), "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr()[0])["release"] is None  # a dry run records nothing
+    assert main(["-d", str(devices), "releases", "--json"]) == 0
+    assert [r["message"] for r in json.loads(capsys.readouterr()[0])["releases"]] == ["version one"]

@@ -79,3 +79,28 @@ async def test_backups_stay_within_their_budget_and_the_newest_of_each_file_stay
         await agent.pipeline.update("c", module("c", 2))
     assert (agent.store.handlers_dir / "c.py").read_bytes() == module("c", 1, 6000)
     assert agent.registry.modules["c"].sha256 == sha(module("c", 1, 6000).decode())
+
+
+async def test_a_push_names_its_release_and_a_rollback_finds_it_again(start_agent, connect):
+    agent = await start_agent()
+    client = await connect(agent)
+    await client.call("update_handler", filename="ver.py", code=version_module(1), release=4)
+    await client.call("update_handler", filename="ver.py", code=version_module(2), release=5)
+    (module,) = (await client.call("get_status"))["modules"]
+    assert module["release"] == 5
+    assert (await client.call("update_log", limit=1))["entries"][0]["release"] == 5
+    await client.call("rollback_handler", filename="ver.py")
+    assert (await client.call("get_status"))["modules"][0]["release"] == 4  # found again in the log
+    await client.call("update_handler", filename="ver.py", code=version_module(3))
+    assert (await client.call("get_status"))["modules"][0]["release"] is None  # a push that names none
+    bad = await client.call("update_handler", filename="ver.py", code=version_module(4), release=True)
+    assert bad["code"] == "bad_request" and "'release'" in bad["error"]
+
+
+async def test_the_release_is_known_again_after_a_restart(start_agent, tmp_path):
+    root = tmp_path / "device"
+    first = await start_agent(root=root)
+    await first.pipeline.update("ver", version_module(1).encode(), release=7)
+    await first.close()
+    again = await start_agent(root=root)
+    assert again.registry.modules["ver"].release == 7
