@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from . import release_cli, tables
+from . import state_cli, tables
 from .errors import ConfigError
 from .fleet import DEFAULT_CONCURRENCY, Fleet
 from .inventory import Inventory, load_inventory
@@ -102,11 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                          help="entries per device (default 5)")
     _subcommand(sub, "demo", [common]).add_argument("--agents", type=int, default=4,
                                                     help="local agents to start (default 4, at least 3)")
-    release_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
+    state_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
     return parser
 
 
-USES_STATE = ("deploy", "release", "releases")  # the subcommands that read or write the state file
+USES_STATE = ("deploy",) + state_cli.COMMANDS  # the subcommands that read or write the state file
 
 # Each subcommand: its line in `fleet --help`, what its own --help says, and an example.
 SUBCOMMANDS = {
@@ -144,6 +145,11 @@ SUBCOMMANDS = {
     "releases": ("list the releases, newest first",
                  "List the releases in the controller's state file, newest first: number, when, who, files, message.",
                  "fleet releases --limit 5"),
+    "history": ("the rollouts fleet deploy ran, newest first",
+                "List the rollouts `fleet deploy` ran from this state file, newest first: when, which file, version "
+                "and release, how many devices answered and how, and the outcome (or that the controller stopped "
+                "before the end).",
+                "fleet history --limit 10"),
     "demo": ("start local agents and roll the camera handler out to them",
              "Start local agents on 127.0.0.1 in a temporary folder and run the main job against them: a rollout "
              "in waves with an offline device and one that refuses, recordings, status, rollback.",
@@ -253,12 +259,20 @@ async def cmd_status(fleet: Fleet, inventory: Inventory, ids: List[str], args: a
 
 
 async def cmd_deploy(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
+    if args.dry_run:  # a dry run changes nothing, the controller's records included
+        return await roll_out(fleet, ids, args, out, None)
+    with StateStore(args.state_file) as store:
+        return await roll_out(fleet, ids, args, out, store)
+
+
+async def roll_out(fleet: Fleet, ids: List[str], args: argparse.Namespace, out: Output,
+                   store: Optional[StateStore]) -> int:
+    """The rollout, recorded in ``store`` as it goes: its release, then each device's result, then the outcome."""
     filename, code = read_handler(Path(args.file))
     release = None
-    if not args.dry_run:  # a dry run changes nothing, the controller's records included
-        with StateStore(args.state_file) as store:
-            release, _ = store.record_release({filename: code.encode("utf-8")}, author=release_cli.author(),
-                                              message=args.message or f"fleet deploy {filename}")
+    if store is not None:
+        release, _ = store.record_release({filename: code.encode("utf-8")}, author=state_cli.author(),
+                                          message=args.message or f"fleet deploy {filename}")
     plan = RolloutPlan(canary=args.canary, batch=args.batch, max_failures=args.max_failures,
                        max_unreachable=args.max_unreachable, **verify_options(args.verify),
                        rollback_on_failure=args.rollback_on_failure, dry_run=args.dry_run,
@@ -268,7 +282,20 @@ async def cmd_deploy(fleet: Fleet, inventory: Inventory, ids: List[str], args: a
           f"canary {plan.canary}, batch {plan.batch}, "
           f"max failures {plan.max_failures}{', verify ' + plan.verify if plan.verify else ''}"
           f"{', DRY RUN' if plan.dry_run else ''}", file=sys.stderr, flush=True)
-    report = await deploy(fleet, args.file, ids, plan, on_result=out.progress(len(ids)))
+    progress = out.progress(len(ids))
+    rollout = store.start_rollout(file=filename, version=hashlib.sha256(code.encode("utf-8")).hexdigest(),
+                                  release=release.number if release else None, plan=vars(plan),
+                                  targets=len(ids)) if store is not None else None
+
+    def on_result(result: DeviceResult) -> None:
+        if store is not None and rollout is not None:  # kept as it arrives, before its line: a kill loses none
+            store.record_result(rollout, result.device_id, result.status.value, old_version=result.old_version,
+                                new_version=result.new_version, detail=result.error or result.note)
+        progress(result)
+
+    report = await deploy(fleet, args.file, ids, plan, on_result=on_result)
+    if store is not None and rollout is not None:
+        store.finish_rollout(rollout, f"halted: {report.halt_reason}" if report.halted else report.tally())
     summary = lines([f"HALTED: {report.halt_reason}"] * report.halted
                     + [f"{report.filename} version {short(report.version)}: {report.tally()} in {report.seconds:.1f}s"])
     out.emit({**report.as_dict(), "release": release.number if release else None},
@@ -354,9 +381,9 @@ async def run(args: argparse.Namespace) -> int:
     if args.command in USES_STATE and not getattr(args, "dry_run", False):
         used += f"; state {args.state_file}"
     print(visible(used), file=sys.stderr)
-    if args.command in ("release", "releases"):
+    if args.command in state_cli.COMMANDS:
         with StateStore(args.state_file) as store:
-            return release_cli.run(args, store)
+            return state_cli.run(args, store)
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError("--timeout must be a positive number of seconds")
     if args.concurrency < 1:

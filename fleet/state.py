@@ -2,24 +2,29 @@
 
 Every SQL statement of the controller lives here, behind small typed
 functions; the schema is versioned (``PRAGMA user_version``) and migrates
-forward, one numbered step at a time. Each change is one transaction, and
-the database is in WAL mode with full syncs: a controller killed at any
-moment loses no step it completed, and never leaves half of one.
+forward, one numbered step at a time. Each change is one transaction, in
+WAL mode: a controller killed at any moment loses no step it completed, and
+never leaves half of one. (``synchronous=NORMAL``: a commit costs no fsync,
+so a rollout can record every device's result as it arrives; an operating
+system crash or a power cut may lose the last few, never corrupt the file.)
 
     releases        immutable, numbered sets of handler files (name -> sha256), with a message,
                     who made it and when; an identical set is the same release
     release_files   the files of each release
     blobs           file contents by sha256: one copy serves every release that holds it
+    rollouts        each deploy: its file, version, release, plan, when it started and ended, outcome
+    rollout_results each device's result in a rollout, as it arrived (an undo replaces it)
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .errors import ConfigError
 
@@ -34,6 +39,14 @@ MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
         "message TEXT NOT NULL, author TEXT NOT NULL, created REAL NOT NULL)",
         "CREATE TABLE release_files (release INTEGER NOT NULL REFERENCES releases(number), name TEXT NOT NULL, "
         "sha256 TEXT NOT NULL REFERENCES blobs(sha256), PRIMARY KEY (release, name))",
+    ),
+    (
+        "CREATE TABLE rollouts (id INTEGER PRIMARY KEY AUTOINCREMENT, release INTEGER REFERENCES releases(number), "
+        "file TEXT NOT NULL, version TEXT NOT NULL, plan TEXT NOT NULL, targets INTEGER NOT NULL, "
+        "started REAL NOT NULL, finished REAL, outcome TEXT)",
+        "CREATE TABLE rollout_results (rollout INTEGER NOT NULL REFERENCES rollouts(id), device TEXT NOT NULL, "
+        "status TEXT NOT NULL, old_version TEXT, new_version TEXT, detail TEXT NOT NULL, at REAL NOT NULL, "
+        "PRIMARY KEY (rollout, device))",
     ),
 )
 
@@ -61,7 +74,7 @@ class StateStore:
             # Autocommit: every change below runs in its own explicit transaction.
             self._db = sqlite3.connect(str(path), isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._migrate()
@@ -141,6 +154,54 @@ class StateStore:
         if row is None:
             raise UnknownRelease(f"no file content {sha256[:12]} in {self.path}")
         return bytes(row[0])
+
+
+    # Rollouts
+
+    def start_rollout(self, *, file: str, version: str, release: Optional[int], plan: Mapping[str, Any],
+                      targets: int) -> int:
+        with self._transaction():
+            cursor = self._db.execute(
+                "INSERT INTO rollouts (release, file, version, plan, targets, started) VALUES (?, ?, ?, ?, ?, ?)",
+                (release, file, version, json.dumps(dict(plan), default=str), targets, time.time()))
+        assert cursor.lastrowid is not None
+        return int(cursor.lastrowid)
+
+    def record_result(self, rollout: int, device: str, status: str, *, old_version: Optional[str],
+                      new_version: Optional[str], detail: str) -> None:
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO rollout_results VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (rollout, device, status, old_version, new_version, detail, time.time()))
+
+    def finish_rollout(self, rollout: int, outcome: str) -> None:
+        with self._transaction():
+            self._db.execute("UPDATE rollouts SET finished = ?, outcome = ? WHERE id = ?", (time.time(), outcome, rollout))
+
+    def rollouts(self, limit: Optional[int] = None) -> List["RolloutRecord"]:
+        """Newest first, each with its per-device results; one never finished has ``outcome`` None."""
+        rows = self._db.execute("SELECT id, release, file, version, plan, targets, started, finished, outcome "
+                                "FROM rollouts ORDER BY id DESC LIMIT ?", (-1 if limit is None else limit,)).fetchall()
+        records = []
+        for row in rows:
+            results = {device: status for device, status in self._db.execute(
+                "SELECT device, status FROM rollout_results WHERE rollout = ? ORDER BY device", (row[0],))}
+            records.append(RolloutRecord(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], row[6], row[7],
+                                         row[8], results))
+        return records
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    id: int
+    release: Optional[int]
+    file: str
+    version: str
+    plan: Dict[str, Any]
+    targets: int
+    started: float
+    finished: Optional[float]
+    outcome: Optional[str]  # None: the controller stopped before it ended (killed, Ctrl-C)
+    results: Dict[str, str]  # device -> status
 
 
 class _Transaction:

@@ -251,7 +251,7 @@ def test_every_json_document_calls_the_per_device_list_devices(tmp_path, agents,
 
 
 @pytest.mark.parametrize("command", ["status", "deploy", "rollback", "send", "commands", "backups", "log", "demo",
-                                     "release", "releases"])
+                                     "release", "releases", "history"])
 def test_every_subcommand_help_has_a_description_and_an_example(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
@@ -305,3 +305,35 @@ def test_a_deploy_makes_a_release_and_tells_each_agent_its_number(tmp_path, agen
     assert json.loads(capsys.readouterr()[0])["release"] is None  # a dry run records nothing
     assert main(["-d", str(devices), "releases", "--json"]) == 0
     assert [r["message"] for r in json.loads(capsys.readouterr()[0])["releases"]] == ["version one"]
+
+
+def test_history_lists_each_rollout_with_its_results_and_outcome(tmp_path, agents, capsys):
+    devices = inventory(tmp_path, agents, count=2, offline=True)
+    assert main(["-d", str(devices), "deploy", handler(tmp_path), "-m", "v1"]) == 1  # one device is offline
+    assert main(["-d", str(devices), "deploy", handler(tmp_path, V2), "--max-unreachable", "0"]) == 1
+    assert main(["-d", str(devices), "deploy", handler(tmp_path, V2), "--dry-run"]) == 1  # not recorded
+    capsys.readouterr()
+    assert main(["-d", str(devices), "history", "--json"]) == 0
+    second, first = json.loads(capsys.readouterr()[0])["rollouts"]
+    assert first["results"] == {"d0": "OK", "d1": "OK", "off": "UNREACHABLE"} and first["outcome"] == "2 OK, 1 UNREACHABLE"
+    assert first["release"] == 1 and first["file"] == "ver.py" and first["targets"] == 3
+    assert second["outcome"].startswith("halted: 1 device(s) unreachable") and second["release"] == 2
+    assert main(["-d", str(devices), "history"]) == 0
+    assert capsys.readouterr()[0].splitlines()[2].split()[0] == "2"  # newest first
+
+
+def test_a_rollout_the_controller_never_finished_shows_as_interrupted(tmp_path, agents, capsys):
+    devices = inventory(tmp_path, agents, count=1, offline=True)
+    slow = handler(tmp_path, "import time\n\ndef handle_slow(data):\n    time.sleep(20)\n    return {}\n", "slow.py")
+    run = subprocess.Popen([sys.executable, "-m", "fleet", "-d", str(devices), "deploy", slow, "--verify", "slow"],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stderr is not None
+    while not run.stderr.readline().startswith("[1/2] off"):  # the offline device's result, from the preflight
+        pass
+    run.kill()  # the controller dies while d0's verify still runs
+    run.communicate(timeout=30)
+    assert main(["-d", str(devices), "history", "--json"]) == 0
+    (record,) = json.loads(capsys.readouterr()[0])["rollouts"]
+    assert record["outcome"] is None and record["results"] == {"off": "UNREACHABLE"}  # kept as it arrived
+    assert main(["-d", str(devices), "history"]) == 0
+    assert "interrupted" in capsys.readouterr()[0]

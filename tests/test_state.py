@@ -98,3 +98,24 @@ def test_a_controller_killed_while_writing_loses_no_release_it_finished(tmp_path
             assert set(release.files) == {"a.py", "b.py"}
             for sha in release.files.values():
                 assert hashlib.sha256(store.content(sha)).hexdigest() == sha
+
+
+def test_a_state_file_from_the_first_schema_migrates_forward_and_keeps_its_releases(tmp_path):
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(str(path))  # what the first version of pifleet's store wrote
+    for statement in MIGRATIONS[0]:
+        db.execute(statement)
+    db.execute("INSERT INTO blobs VALUES (?, ?)", (hashlib.sha256(CAM).hexdigest(), CAM))
+    db.execute("INSERT INTO releases VALUES (1, 'f', 'old', 'ann', 5.0)")
+    db.execute("INSERT INTO release_files VALUES (1, 'cam.py', ?)", (hashlib.sha256(CAM).hexdigest(),))
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with StateStore(path) as store:
+        assert store.schema_version == len(MIGRATIONS) > 1
+        assert store.release(1).files == {"cam.py": hashlib.sha256(CAM).hexdigest()}
+        rollout = store.start_rollout(file="cam.py", version="ab", release=1, plan={"canary": 1}, targets=2)
+        store.record_result(rollout, "d0", "OK", old_version=None, new_version="ab", detail="")
+        store.finish_rollout(rollout, "1 OK")
+        (record,) = store.rollouts()
+        assert (record.release, record.results, record.outcome, record.plan) == (1, {"d0": "OK"}, "1 OK", {"canary": 1})

@@ -1,8 +1,9 @@
-"""``fleet release create|show`` and ``fleet releases``: the CLI face of the release store (``state``).
+"""The CLI faces of the state store (``state``): ``fleet release create|show``, ``fleet releases``, ``fleet history``.
 
 A release is an immutable, numbered set of handler files. Making one pushes
 nothing: it names a set of versions that a deploy or a rollback can then
-refer to.
+refer to. The history is every rollout ``fleet deploy`` ran, with each
+device's result, newest first.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import argparse
 import getpass
 import json
 import socket
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List
 
 from .results import short
 from .rollout import read_handler
-from .state import Release, StateStore
+from .state import Release, RolloutRecord, StateStore
 from .tables import ago
 from .text import grid, lines
 
@@ -39,10 +41,17 @@ def add_commands(sub: Any, make: Any, parents: List[argparse.ArgumentParser]) ->
                               epilog="Example:\n  fleet release show 3", formatter_class=argparse.RawDescriptionHelpFormatter)
     show.add_argument("number", type=int, help="release number (see `fleet releases`)")
     make(sub, "releases").add_argument("--limit", type=int, default=20, help="newest releases shown (default 20)")
+    make(sub, "history").add_argument("--limit", type=int, default=20, help="newest rollouts shown (default 20)")
+
+
+COMMANDS = ("release", "releases", "history")
 
 
 def run(args: argparse.Namespace, store: StateStore) -> int:
-    if args.command == "releases":
+    if args.command == "history":
+        rollouts = store.rollouts(args.limit)
+        emit(args, {"rollouts": [vars(r) for r in rollouts]}, history_table(rollouts))
+    elif args.command == "releases":
         found = store.releases(args.limit)
         emit(args, {"releases": [as_dict(r) for r in found]}, releases_table(found))
     elif args.action == "create":
@@ -81,6 +90,18 @@ def releases_table(releases: List[Release]) -> str:
         return "no releases yet: `fleet release create FILE... -m MESSAGE` makes one"
     rows = [[r.number, ago(r.created), r.author, ", ".join(r.files), r.message] for r in releases]
     return grid(rows, ["release", "made", "by", "files", "message"])
+
+
+def history_table(rollouts: List[RolloutRecord]) -> str:
+    if not rollouts:
+        return "no rollouts yet: `fleet deploy FILE` records each one here"
+    rows = []
+    for r in rollouts:
+        tally = ", ".join(f"{count} {status}" for status, count in sorted(Counter(r.results.values()).items()))
+        outcome = r.outcome or "interrupted: the controller stopped before the end (`fleet status` shows where it stands)"
+        rows.append([r.id, ago(r.started), r.file, short(r.version), r.release or "-",
+                     f"{len(r.results)}/{r.targets}", tally or "-", outcome])
+    return grid(rows, ["rollout", "started", "file", "version", "release", "devices", "results", "outcome"])
 
 
 def show_text(release: Release) -> str:
