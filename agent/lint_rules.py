@@ -66,7 +66,7 @@ def check_call(scanner: Any, node: ast.Call) -> None:
         scanner.dangerous(f"{name}(", node)
     elif name in ATTRIBUTE_FUNCS and node.args:
         _check_attribute_func(scanner, name, node)
-    elif name == "pkgutil.resolve_name" and not (node.args and _literal(node.args[0])):
+    elif name == "pkgutil.resolve_name" and not (node.args and _text(node.args[0]) is not None):
         scanner.dangerous("pkgutil.resolve_name(<computed name>)", node)
     elif name in STRING_RUNNERS and _code_as_string(scanner, node):
         scanner.dangerous(f"{name}(<code in a string>)", node)
@@ -98,14 +98,10 @@ def _methodcaller_target(scanner: Any, node: ast.Call) -> Optional[str]:
     """``operator.methodcaller("system", "ls")(os)`` calls ``os.system``."""
     caller = node.func
     if (isinstance(caller, ast.Call) and scanner.resolve(caller.func) == "operator.methodcaller"
-            and caller.args and _literal(caller.args[0]) and node.args):
+            and caller.args and _text(caller.args[0]) is not None and node.args):
         base = scanner.resolve(node.args[0])
         return f"{base}.{_text(caller.args[0])}" if base else None
     return None
-
-
-def _literal(node: ast.AST) -> bool:
-    return isinstance(node, ast.Constant) and isinstance(node.value, str)
 
 
 def _text(node: ast.AST) -> Optional[str]:
@@ -180,7 +176,7 @@ def code_flag(word: str) -> bool:
 def _code_as_string(scanner: Any, node: ast.Call) -> bool:
     """``timeit`` given its statement (or setup) as code in a string, not as a callable."""
     values = list(node.args[:2]) + [k.value for k in node.keywords if k.arg in ("stmt", "setup")]
-    return any(_literal(v) or isinstance(v, (ast.JoinedStr, ast.BinOp))
+    return any(_text(v) is not None or isinstance(v, (ast.JoinedStr, ast.BinOp))
                or (isinstance(v, ast.Name) and v.id in scanner.strings) for v in values)
 
 

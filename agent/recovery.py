@@ -104,7 +104,8 @@ class Recovery:
             self._held_back.add(name)
             self.registry.mark_failed(name, f"quarantined, but the card refused the change: {os_reason(exc)}")
             self.finding(name, "quarantine_failed", f"handlers/{name}.py at {record.version[:12]}: {reason}; "
-                         f"it could not be put back ({os_reason(exc)}) and is not loaded", error=True)
+                         f"it could not be put back ({os_reason(exc)}) and is not loaded; free some space or check the "
+                         "SD card (a failing card turns read-only): the next start tries again", error=True)
             return
         self.finding(name, "quarantined", f"handlers/{name}.py at {record.version[:12]} quarantined: {reason}; "
                      f"{put_back}", error=True)

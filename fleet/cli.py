@@ -236,7 +236,7 @@ async def run(args: argparse.Namespace) -> int:
     print(visible(used), file=sys.stderr)
     if args.command in state_cli.COMMANDS:
         with StateStore(args.state_file) as store:
-            return state_cli.run(args, store)
+            return state_cli.run(args, store, Output(args.json).emit)
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError("--timeout must be a positive number of seconds")
     if args.concurrency < 1:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import socket
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 from .results import short
 from .rollout import read_handler
@@ -47,28 +46,27 @@ def add_commands(sub: Any, make: Any, parents: List[argparse.ArgumentParser]) ->
 COMMANDS = ("release", "releases", "history")
 
 
-def run(args: argparse.Namespace, store: StateStore) -> int:
+Emit = Callable[[Dict[str, Any], str], None]  # the CLI's printer: one JSON document, or the text
+
+
+def run(args: argparse.Namespace, store: StateStore, emit: Emit) -> int:
     if args.command == "history":
         rollouts = store.rollouts(args.limit)
-        emit(args, {"rollouts": [vars(r) for r in rollouts]}, history_table(rollouts))
+        emit({"rollouts": [vars(r) for r in rollouts]}, history_table(rollouts))
     elif args.command == "releases":
         found = store.releases(args.limit)
-        emit(args, {"releases": [as_dict(r) for r in found]}, releases_table(found))
+        emit({"releases": [as_dict(r) for r in found]}, releases_table(found))
     elif args.action == "create":
         files = dict(read_handler(Path(path)) for path in args.files)
         release, created = store.record_release({name: code.encode("utf-8") for name, code in files.items()},
                                                 message=args.message, author=author())
         summary = (f"release {release.number}: {len(release.files)} file(s)" if created else
                    f"release {release.number} already holds exactly these files; nothing new was made")
-        emit(args, {"release": as_dict(release), "created": created}, lines([summary]) + "\n" + show_text(release))
+        emit({"release": as_dict(release), "created": created}, lines([summary]) + "\n" + show_text(release))
     else:
         release = store.release(args.number)
-        emit(args, {"release": as_dict(release)}, show_text(release))
+        emit({"release": as_dict(release)}, show_text(release))
     return 0
-
-
-def emit(args: argparse.Namespace, document: Dict[str, Any], text: str) -> None:
-    print(json.dumps(document, indent=2) if args.json else text)
 
 
 def author() -> str:
