@@ -10,26 +10,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import logging
 import os
-import shlex
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
-from . import state_cli, tables
+from . import cli_rollouts, state_cli, status_view, tables
 from .cli_args import DEVICES_ENV, USES_STATE, build_parser
+from .cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Output, exit_code, parse_pairs
 from .errors import ConfigError
 from .fleet import Fleet
 from .inventory import Inventory, load_inventory
 from .state import StateStore, state_path
-from .text import lines, visible
-from .results import DeviceResult, Status, short
-from .rollout import RolloutPlan, deploy, read_handler
+from .text import visible
+from .results import Status, short
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 REPO_DEVICES = Path(__file__).resolve().parent.parent / "devices.json"
 
 
@@ -40,120 +37,25 @@ def default_devices() -> str:
     return "devices.json" if Path("devices.json").exists() else str(REPO_DEVICES)
 
 
-def parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def verify_options(text: Optional[str]) -> Dict[str, Any]:
-    """``--verify 'greet name=x'``: the command and its arguments, the same syntax as ``fleet send``."""
-    if not text:
-        return {"verify": None}
-    try:
-        words = shlex.split(text)
-    except ValueError as exc:
-        raise ConfigError(f"--verify {text!r}: {exc}") from None
-    if not words:
-        raise ConfigError("--verify needs a command, e.g. --verify camera_status")
-    return {"verify": words[0], "verify_args": parse_pairs(words[1:])}
-
-
-def parse_pairs(pairs: Sequence[str]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"argument {pair!r} must be KEY=VALUE, e.g. duration=30")
-        out[key] = parse_value(value)
-    return out
-
-
-class Output:
-    """Where results go: progress to stderr as they arrive, then tables or one JSON document."""
-
-    def __init__(self, as_json: bool) -> None:
-        self.as_json = as_json
-        self.done = 0
-
-    def progress(self, total: int) -> Callable[[DeviceResult], None]:
-        self.done = 0
-
-        def report(result: DeviceResult) -> None:
-            self.done += 1
-            print(tables.progress_line(result, self.done, total), file=sys.stderr, flush=True)
-
-        return report
-
-    def emit(self, document: Any, text: str) -> None:
-        if self.as_json:
-            json.dump(document, sys.stdout, indent=2, default=str)
-            sys.stdout.write("\n")
-        else:
-            print(text)
-
-
 def select(inventory: Inventory, args: argparse.Namespace) -> List[str]:
     only = [s.strip() for s in args.only.split(",") if s.strip()] if getattr(args, "only", None) else None
     return [d.id for d in inventory.select(only, getattr(args, "tag", None))]
-
-
-def exit_code(results: Sequence[DeviceResult]) -> int:
-    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
 
 async def cmd_status(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
     statuses, last = await fleet.status(ids, timeout=args.timeout)
     reachable = [i for i in ids if statuses[i].status is Status.OK]
     devices = [inventory.get(i) for i in ids]
-    out.emit(tables.status_document(devices, statuses, last), tables.status_table(devices, statuses, last))
+    desired: Dict[str, int] = {}
+    known, releases = {}, {}  # type: ignore[var-annotated]
+    if args.state_file.exists():  # reading the state; a fleet that has none yet has no desired releases
+        with StateStore(args.state_file) as store:
+            desired = store.desired(ids)
+            known, releases = store.release_index()
+    places = status_view.standings(devices, statuses, desired, known, releases)
+    out.emit(status_view.status_document(devices, statuses, last, places),
+             status_view.status_table(devices, statuses, last, places, wide=args.wide))
     return EXIT_OK if len(reachable) == len(ids) else EXIT_FAILED
-
-
-async def cmd_deploy(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
-    if args.dry_run:  # a dry run changes nothing, the controller's records included
-        return await roll_out(fleet, ids, args, out, None)
-    with StateStore(args.state_file) as store:
-        return await roll_out(fleet, ids, args, out, store)
-
-
-async def roll_out(fleet: Fleet, ids: List[str], args: argparse.Namespace, out: Output,
-                   store: Optional[StateStore]) -> int:
-    """The rollout, recorded in ``store`` as it goes: its release, then each device's result, then the outcome."""
-    filename, code = read_handler(Path(args.file))
-    release = None
-    if store is not None:
-        release, _ = store.record_release({filename: code.encode("utf-8")}, author=state_cli.author(),
-                                          message=args.message or f"fleet deploy {filename}")
-    plan = RolloutPlan(canary=args.canary, batch=args.batch, max_failures=args.max_failures,
-                       max_unreachable=args.max_unreachable, **verify_options(args.verify),
-                       rollback_on_failure=args.rollback_on_failure, dry_run=args.dry_run,
-                       probation=not args.no_probation, force=args.force, timeout=args.timeout,
-                       release=release.number if release else None)
-    print(f"rolling out {filename}{f' (release {release.number})' if release else ''} to {len(ids)} device(s): "
-          f"canary {plan.canary}, batch {plan.batch}, "
-          f"max failures {plan.max_failures}{', verify ' + plan.verify if plan.verify else ''}"
-          f"{', DRY RUN' if plan.dry_run else ''}", file=sys.stderr, flush=True)
-    progress = out.progress(len(ids))
-    rollout = store.start_rollout(file=filename, version=hashlib.sha256(code.encode("utf-8")).hexdigest(),
-                                  release=release.number if release else None, plan=vars(plan),
-                                  targets=len(ids)) if store is not None else None
-
-    def on_result(result: DeviceResult) -> None:
-        if store is not None and rollout is not None:  # kept as it arrives, before its line: a kill loses none
-            store.record_result(rollout, result.device_id, result.status.value, old_version=result.old_version,
-                                new_version=result.new_version, detail=result.error or result.note)
-        progress(result)
-
-    report = await deploy(fleet, args.file, ids, plan, on_result=on_result)
-    if store is not None and rollout is not None:
-        store.finish_rollout(rollout, f"halted: {report.halt_reason}" if report.halted else report.tally())
-    summary = lines([f"HALTED: {report.halt_reason}"] * report.halted
-                    + [f"{report.filename} version {short(report.version)}: {report.tally()} in {report.seconds:.1f}s"])
-    out.emit({**report.as_dict(), "release": release.number if release else None},
-             tables.rollout_table(list(report.results.values())) + "\n\n" + summary)
-    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 async def report_each(fleet: Fleet, command: Dict[str, Any], ids: List[str], args: argparse.Namespace, out: Output,
@@ -169,10 +71,22 @@ async def report_each(fleet: Fleet, command: Dict[str, Any], ids: List[str], arg
 
 
 async def cmd_rollback(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
+    """``--to-release N``: the whole fleet to release N (recorded, in waves). ``FILE``: one file on each device."""
+    if (args.file is None) == (args.to_release is None):
+        raise ConfigError("give a handler file (one file's emergency rollback) or --to-release N (the fleet back "
+                          "to a release), not both")
+    if args.to_release is not None:
+        if args.backup:
+            raise ConfigError("--backup goes with a handler file, not with --to-release")
+        return await cli_rollouts.rollback_to_release(fleet, ids, args, out)
     command: Dict[str, Any] = {"command": "rollback_handler", "filename": args.file}
     if args.backup:
         command["backup"] = args.backup
-    return await report_each(fleet, command, ids, args, out, progress=True)
+
+    def ended_on(reply: Dict[str, Any]) -> str:
+        return f"now on {short(reply.get('version'))} (restored {reply.get('restored_from')})"
+
+    return await report_each(fleet, command, ids, args, out, ended_on, progress=True)
 
 
 async def cmd_send(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
@@ -215,7 +129,8 @@ async def cmd_log(fleet: Fleet, inventory: Inventory, ids: List[str], args: argp
 
 
 COMMANDS = {
-    "status": cmd_status, "deploy": cmd_deploy, "rollback": cmd_rollback, "send": cmd_send,
+    "status": cmd_status, "deploy": cli_rollouts.cmd_deploy, "converge": cli_rollouts.cmd_converge,
+    "rollback": cmd_rollback, "send": cmd_send,
     "commands": cmd_commands, "backups": cmd_backups, "log": cmd_log,
 }
 
@@ -260,7 +175,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fleet: interrupted", file=sys.stderr)
-        if args.command in ("deploy", "rollback"):
+        if args.command in ("deploy", "rollback", "converge"):
             print("fleet: the lines above are the devices that finished; a change already sent may still complete "
-                  "on its device. Run `fleet status` to see what each device runs now.", file=sys.stderr)
+                  "on its device. `fleet status` shows what each device runs now; `fleet converge` finishes the "
+                  "rollout (it pushes only to devices not yet on their release).", file=sys.stderr)
         return 130

@@ -58,17 +58,31 @@ def build_parser() -> argparse.ArgumentParser:
                "  fleet status\n"
                "  fleet deploy handlers/camera_handlers.py --tag cams --canary 1 --batch 25% --verify camera_status\n"
                "  fleet send raspi_main start_recording duration=30 filename=race.h264\n"
-               "  fleet rollback camera_handlers.py --only raspi_main\n"
+               "  fleet converge --watch\n"
+               "  fleet rollback --to-release 3\n"
                "  fleet demo",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     device_parents = [common, targets]
-    _subcommand(sub, "status", device_parents)
+    _subcommand(sub, "status", device_parents).add_argument(
+        "--wide", action="store_true", help="a column per handler file with its version, and each device's address")
     _add_deploy_options(_subcommand(sub, "deploy", device_parents))
+    p = _subcommand(sub, "converge", device_parents)
+    _add_plan_options(p)
+    p.add_argument("--watch", action="store_true",
+                   help="keep running: converge each device as it comes back online, and each one whose desired "
+                        "release changes; stop with SIGTERM or Ctrl-C")
+    p.add_argument("--retry-every", type=float, default=1.0, metavar="SECONDS",
+                   help="with --watch: how often to try each offline device again (default 1)")
     p = _subcommand(sub, "rollback", device_parents)
-    p.add_argument("file", help="handler file name, e.g. camera_handlers.py")
+    p.add_argument("file", nargs="?", default=None, help="handler file name, e.g. camera_handlers.py: put this one "
+                                                         "file back on each device (an emergency)")
+    p.add_argument("--to-release", type=int, default=None, metavar="N",
+                   help="put every target on exactly release N's versions (sets their desired release; in waves, "
+                        "with the options below)")
     p.add_argument("--backup", default=None, help="restore this named backup (see `fleet backups`) instead of the newest")
+    _add_plan_options(p)
     p = _subcommand(sub, "send", device_parents)
     p.add_argument("device", help="a device id, or 'all' (narrow with --tag/--only)")
     p.add_argument("name", metavar="COMMAND", help="command name, e.g. camera_status")
@@ -83,24 +97,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-USES_STATE = ("deploy",) + state_cli.COMMANDS  # the subcommands that read or write the state file
+USES_STATE = ("status", "deploy", "converge", "rollback") + state_cli.COMMANDS  # the subcommands that read or write the state file
 
 # Each subcommand: its line in `fleet --help`, what its own --help says, and an example.
 SUBCOMMANDS = {
-    "status": ("per-device status table (versions, drift, uptime)",
-               "Ask every device for its status and print one table: the version of each handler file, drift "
-               "from what most devices of the same type run, uptime, the last change; under it, why a device did "
-               "not answer and what its agent found by itself (quarantined versions, files changed by hand).",
-               "fleet status --tag cams"),
-    "deploy": ("roll a handler file out in waves",
-               "Roll a handler file out: canary first, then batches; each wave is checked (push ok, commands "
+    "status": ("where each device stands: its release, state, agent, uptime",
+               "Ask every device for its status and print one table: its desired release, the release it reports, "
+               "where it stands (current, behind, ahead, diverged, unreachable), its agent, uptime, handler files "
+               "and commands, the last change; under it, drift from what most devices of the same type run, why a "
+               "device did not answer and what its agent found by itself. --wide adds each file's version.",
+               "fleet status --tag cams --wide"),
+    "deploy": ("roll handler files out in waves (a new release)",
+               "Roll handler files out: each target's desired release with these files laid over it becomes a new "
+               "release (or an identical old one), and each wave's devices get it as their desired release just "
+               "before the wave is pushed. Canary first, then batches; each wave is checked (push ok, commands "
                "live, optional verify) before the next, and the rollout halts past its failure limits.",
                "fleet deploy handlers/camera_handlers.py --tag cams --canary 1 --batch 25% --verify camera_status"),
-    "rollback": ("roll a handler back to its previous version",
-                 "Put one handler file back on each device: to the newest backup that differs from what runs "
-                 "(skipping versions the agent took off by itself: rolled back by probation, or quarantined), or "
-                 "to a named backup.",
-                 "fleet rollback camera_handlers.py --only raspi_main"),
+    "converge": ("bring every device to its desired release",
+                 "Bring each reachable device that is not on its desired release to it (up or back down), in "
+                 "waves with the same checks and limits as a deploy; finish rollouts whose controller was stopped "
+                 "first. Devices already on their release are not pushed to. --watch keeps running and converges "
+                 "each device as it comes back online.",
+                 "fleet converge --watch"),
+    "rollback": ("put the fleet back on a release, or one file back",
+                 "--to-release N puts every target on exactly release N's versions, whatever each ran before, in "
+                 "waves, and makes N their desired release (offline devices get it from `fleet converge` when "
+                 "they return). With a FILE instead, put that one file back on each device (an emergency): to the "
+                 "newest backup that differs from what runs, or to a named backup; the table says which version "
+                 "each device ended on.",
+                 "fleet rollback --to-release 3"),
     "send": ("send one command to a device, or to all",
              "Send one command. Arguments are key=value; values are parsed as JSON where they parse "
              "(duration=30 is a number, filename=x.h264 a string).",
@@ -121,10 +146,10 @@ SUBCOMMANDS = {
     "releases": ("list the releases, newest first",
                  "List the releases in the controller's state file, newest first: number, when, who, files, message.",
                  "fleet releases --limit 5"),
-    "history": ("the rollouts fleet deploy ran, newest first",
-                "List the rollouts `fleet deploy` ran from this state file, newest first: when, which file, version "
-                "and release, how many devices answered and how, and the outcome (or that the controller stopped "
-                "before the end).",
+    "history": ("the rollouts run from this state file, newest first",
+                "List the rollouts (deploy, converge, rollback) run from this state file, newest first: when, which "
+                "files and release, how many devices answered and how, and the outcome (or that the controller "
+                "stopped before the end: `fleet converge` finishes it).",
                 "fleet history --limit 10"),
     "demo": ("start local agents and roll the camera handler out to them",
              "Start local agents on 127.0.0.1 in a temporary folder and run the main job against them: a rollout "
@@ -140,8 +165,16 @@ def _subcommand(sub: Any, name: str, parents: List[argparse.ArgumentParser]) -> 
 
 
 def _add_deploy_options(p: argparse.ArgumentParser) -> None:
-    """The waves, limits and checks of a rollout (``fleet deploy``)."""
-    p.add_argument("file", help="handler file, e.g. handlers/camera_handlers.py")
+    """``fleet deploy``: the files, and the waves, limits and checks of its rollout."""
+    p.add_argument("files", nargs="+", metavar="FILE", help="handler files, e.g. handlers/camera_handlers.py")
+    _add_plan_options(p)
+    p.add_argument("--dry-run", action="store_true", help="run every check on every device; change nothing")
+    p.add_argument("-m", "--message", default=None,
+                   help="what the release this deploy makes is for (default: 'fleet deploy FILE...')")
+
+
+def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    """The waves, limits and checks of a rollout (deploy, converge, rollback --to-release)."""
     p.add_argument("--canary", type=int, default=1, help="devices in the first wave (default 1; 0 for none)")
     p.add_argument("--batch", default="25%", help="devices per later wave: a number or a percentage (default 25%%)")
     p.add_argument("--max-failures", default="0",
@@ -153,11 +186,8 @@ def _add_deploy_options(p: argparse.ArgumentParser) -> None:
                         "`fleet send` (quote it: --verify 'greet name=x')")
     p.add_argument("--rollback-on-failure", action="store_true",
                    help="when the rollout halts, put every device it changed back to its previous version")
-    p.add_argument("--dry-run", action="store_true", help="run every check on every device; change nothing")
     p.add_argument("--no-probation", action="store_true",
                    help="do not let agents roll the new code back by themselves if it keeps failing at first")
-    p.add_argument("-m", "--message", default=None,
-                   help="what the release this deploy makes is for (default: 'fleet deploy FILE')")
     p.add_argument("--force", action="store_true",
                    help="push even to devices that quarantined this version (it killed or hung their agent "
                         "when loaded; `fleet status` lists quarantined versions)")

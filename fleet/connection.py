@@ -39,6 +39,7 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 
 MessageCallback = Callable[[str, Dict[str, Any]], None]
+ConnectedCallback = Callable[[str], None]
 ReplyCallback = Callable[[Optional[Dict[str, Any]], Optional[DeviceError]], None]
 
 
@@ -182,6 +183,15 @@ class DeviceConnection:
         self.last_error: Optional[str] = None
         self.last_reply_at: Optional[float] = None
         self.reconnects = 0
+        self.backoff_max = BACKOFF_MAX
+        self.on_connected: Optional[ConnectedCallback] = None  # called with the device id after each connect
+
+    def watch(self, on_connected: ConnectedCallback, retry_every: float) -> None:
+        """Stay connected from now on: try again every ``retry_every`` seconds at most while the device is
+        away, and call ``on_connected(device_id)`` each time a connection opens."""
+        self.on_connected, self.backoff_max, self.keepalive = on_connected, retry_every, True
+        if not self._closed and (self._background is None or self._background.done()):
+            self._background = asyncio.ensure_future(self._keep_alive())
 
     @property
     def connected(self) -> bool:
@@ -218,6 +228,8 @@ class DeviceConnection:
         self.last_error = None
         if self.keepalive and (self._background is None or self._background.done()):
             self._background = asyncio.ensure_future(self._keep_alive())
+        if self.on_connected is not None:
+            self.on_connected(self.device.id)
 
     async def request(self, message: Dict[str, Any], timeout: Optional[float] = None) -> Dict[str, Any]:
         """Send one request and return the agent's reply (which may say ``success: false``).
@@ -337,7 +349,7 @@ class DeviceConnection:
                         if self._transport is not None:
                             self._transport.abort()
                 continue
-            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** attempt) * random.uniform(0.5, 1.5)
+            delay = min(self.backoff_max, BACKOFF_FIRST * 2 ** attempt) * random.uniform(0.5, 1.5)
             attempt += 1
             await asyncio.sleep(delay)
             try:

@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, TextIO, Tuple
 
-from . import tables
+from . import status_view, tables
 from .errors import ConfigError
 from .fleet import Fleet
 from .inventory import load_inventory
@@ -169,16 +169,15 @@ async def _rollout(inventory_path: Path) -> Tuple[int, Dict[str, Any]]:
 
         heading("fleet status")
         statuses, last = await fleet.status(ids)
-        say(tables.status_table(inventory.devices, statuses, last))
-        for device_id, files in tables.drifted(inventory.devices, statuses).items():
-            say(f"Drift: {device_id} does not run what most cameras run ({', '.join(files)}).")
+        places = status_view.standings(inventory.devices, statuses, {}, {}, {})  # the demo keeps no state file
+        say(status_view.status_table(inventory.devices, statuses, last, places, wide=True))
     document = {
         "rollout": report.as_dict(),
         "start_recording": [started[d].as_dict() for d in live],
         "camera_status": [status[d].as_dict() for d in live],
         "stop_recording": [stopped[d].as_dict() for d in live],
         "rollout_again": again.as_dict(),
-        "status": tables.status_document(inventory.devices, statuses, last),
+        "status": status_view.status_document(inventory.devices, statuses, last, places),
     }
     heading("Stopping the agents and removing the demo folder")
     say("Next: run agents on your Pis (README: 'Installing the agent on a Pi'), list them in devices.json,\n"

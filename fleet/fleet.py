@@ -80,9 +80,11 @@ class Fleet:
             deadlines=self._deadlines,
         )
 
-    async def connect(self, device_id: Optional[str] = None) -> Dict[str, DeviceResult]:
-        """Connect one device, or all; returns a result per device (OK or UNREACHABLE)."""
-        targets = [device_id] if device_id is not None else list(self._connections)
+    async def connect(self, device_id: Optional[str] = None, *,
+                      targets: Optional[Sequence[str]] = None) -> Dict[str, DeviceResult]:
+        """Connect one device, the ``targets``, or all; returns a result per device (OK or UNREACHABLE)."""
+        if targets is None:
+            targets = [device_id] if device_id is not None else list(self._connections)
 
         async def work(target: str) -> DeviceResult:
             started = time.perf_counter()
@@ -91,6 +93,16 @@ class Fleet:
             return result
 
         return await self.run_each(targets, work)
+
+    def watch(self, on_connected: Callable[[str], None], retry_every: float,
+              targets: Optional[Sequence[str]] = None) -> None:
+        """Keep connections to ``targets`` (default: all) open from now on, retrying offline devices every
+        ``retry_every`` seconds at most; ``on_connected(device_id)`` runs each time one opens."""
+        for device_id in (targets if targets is not None else list(self._connections)):
+            self._connection(device_id).watch(on_connected, retry_every)
+
+    def connected(self, device_id: str) -> bool:
+        return self._connection(device_id).connected
 
     async def send(self, device_id: str, command: Dict[str, Any], *, timeout: Optional[float] = None) -> Dict[str, Any]:
         """The device's reply. Raises ``DeviceUnreachable``/``CommandTimeout`` (a refusal is a reply)."""

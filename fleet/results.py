@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 
 def short(version: Optional[str]) -> str:
@@ -47,6 +47,9 @@ class DeviceResult:
     note: str = ""
     changed: bool = False  # this rollout changed the device (so rollback applies)
     backup: Optional[str] = None  # the backup our push created on the device
+    release: Optional[int] = None  # the release a rollout put (or meant to put) on the device
+    # Each file a rollout touched on the device: name -> (version before, version after). None outside rollouts.
+    files: Optional[Dict[str, Tuple[Optional[str], Optional[str]]]] = None
 
     @property
     def ok(self) -> bool:
@@ -66,5 +69,8 @@ class DeviceResult:
             "validation_warnings": list(self.validation_warnings),
             "removed_commands": list(self.removed_commands),
             "note": self.note,
+            **({"release": self.release, "files": {name: {"old_version": old, "new_version": new}
+                                                   for name, (old, new) in self.files.items()}}
+               if self.files is not None else {}),
             "reply": self.reply,
         }

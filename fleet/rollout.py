@@ -1,11 +1,17 @@
-"""Rolling a handler out to many devices in waves.
+"""Rolling handler files out to many devices in waves.
+
+Each device has a set of files to end on (``FileSet``: one file for ``fleet
+deploy FILE``, a whole release for a converge); devices may have different
+sets (each its own release). Pushing to one device is ``apply.Applier``'s job.
 
     preflight   get_status from every target: offline devices are reported
-                (not waited for), devices already on this version are skipped
+                (not waited for), devices already on every version are skipped
     canary      the first wave (default 1 device)
     batches     the rest, in waves of a size or a percentage
-    each wave   push (with sha256, so a corrupted transfer is refused), then
-                check the commands are live, then the optional verify command
+    each wave   ``on_wave`` first (the store sets these devices' desired release);
+                push each file that differs (with sha256, so a corrupted transfer
+                is refused), then check the commands are live, then the optional
+                verify command; a file that fails puts the device back
     halt        when failures pass ``max_failures`` (counted over the whole
                 rollout, not per wave) or unreachable devices pass
                 ``max_unreachable``; the devices not yet reached are SKIPPED
@@ -16,21 +22,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Dict, List, Optional, Sequence, Set, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
-from agent.filenames import module_name_from_filename
-from agent.errors import BadRequest
-from agent.protocol import encode_shared_request
-
+from .apply import Applier
 from .errors import ConfigError
-from .fleet import Fleet, ResultCallback, attempt
-from .results import DeviceResult, Status, short
+from .fileset import FileSet, HandlerFile, read_handler, read_handlers
+from .fleet import Fleet, ResultCallback
+from .results import DeviceResult, Status
 
 _AMOUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%?)\s*$")
 
@@ -79,7 +82,6 @@ class RolloutPlan:
     dry_run: bool = False
     probation: bool = True
     force: bool = False  # push even a version a device quarantined (it killed or hung that agent once)
-    release: Optional[int] = None  # the release this push belongs to, told to each agent
     timeout: Optional[float] = None
 
     def __post_init__(self) -> None:
@@ -111,13 +113,15 @@ class RolloutPlan:
 
 @dataclass
 class RolloutReport:
-    filename: str
-    version: str
+    filename: str  # the files rolled out, by name
+    version: str  # the file's sha256, when it is one file ("" for several)
     results: Dict[str, DeviceResult]
     waves: List[List[str]]
     halted: bool = False
     halt_reason: str = ""
     seconds: float = 0.0
+    releases: List[int] = field(default_factory=list)  # the releases rolled out (none outside the store)
+    rollout: Optional[int] = None  # its number in the state store's history, when it was recorded
 
     @property
     def ok(self) -> bool:
@@ -137,6 +141,8 @@ class RolloutReport:
         return {
             "file": self.filename,
             "version": self.version,
+            "release": self.releases[0] if len(self.releases) == 1 else None,
+            "releases": self.releases,
             "ok": self.ok,
             "halted": self.halted,
             "halt_reason": self.halt_reason,
@@ -147,55 +153,45 @@ class RolloutReport:
         }
 
 
-def read_handler(path: Path) -> tuple:
-    """``(filename, code)`` of a handler file, its name checked by the agent's own rule before anything is sent."""
-    try:
-        module_name_from_filename(path.name)
-    except BadRequest as exc:
-        raise ConfigError(f"{path}: {exc.message}") from None
-    try:
-        return path.name, path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
+WaveCallback = Callable[[List[str]], None]
 
 
 class Rollout:
-    """One rollout of one handler file to a set of devices. Use ``await Rollout(...).run()``."""
+    """One rollout: each target device to its set of files. Use ``await Rollout(...).run()``.
 
-    def __init__(self, fleet: Fleet, filename: str, code: str, targets: Sequence[str], plan: RolloutPlan,
-                 on_result: Optional[ResultCallback] = None) -> None:
+    ``on_wave(device_ids)`` is called before each wave is pushed (the state
+    store sets the wave's desired release there); ``on_result`` with each
+    device's result as it arrives.
+    """
+
+    def __init__(self, fleet: Fleet, targets: Mapping[str, FileSet], plan: RolloutPlan,
+                 on_result: Optional[ResultCallback] = None, on_wave: Optional[WaveCallback] = None) -> None:
         self.fleet = fleet
-        self.filename = filename
-        self.version = hashlib.sha256(code.encode("utf-8")).hexdigest()
-        self.targets = list(targets)
+        self.targets = dict(targets)
         self.plan = plan
         self.on_result = on_result
+        self.on_wave = on_wave
         self.results: Dict[str, DeviceResult] = {}
-        self.old_versions: Dict[str, Optional[str]] = {}
-        self.old_commands: Dict[str, List[str]] = {}  # what this file offered on each device before the push
-        self._unsure: Set[str] = set()  # pushes sent but never answered (timeout, connection lost): may have landed
-        self._checkable: Set[str] = set()  # agents that honour if_version/to_version (older ones ignore them)
-        # An undo may queue on the device behind a push still running there, so it waits at least as long.
-        self._undo_timeout = max(plan.timeout or 0.0, fleet.request_timeout)
-        # Encoded once for the whole fleet: the code is the bulk of every push.
-        self._push_body = encode_shared_request({"command": "update_handler", "filename": filename, "code": code,
-                                       "sha256": self.version, "dry_run": plan.dry_run, "probation": plan.probation,
-                                                  **({"force": True} if plan.force else {}),
-                                                  **({"release": plan.release} if plan.release else {})})
-        self._list_body = encode_shared_request({"command": "list_commands"})
-        self._verify_body = encode_shared_request({**plan.verify_args, "command": plan.verify}) if plan.verify else b""
+        self.before: Dict[str, Dict[str, Dict[str, Any]]] = {}  # what each device ran, per file (preflight)
+        self.todo: Dict[str, List[HandlerFile]] = {}  # the files that differ, per device
+        self.current: List[str] = []  # devices the preflight found already on every version
+        self.applier = Applier(fleet, plan)
 
     async def run(self) -> RolloutReport:
         started = time.perf_counter()
         candidates = await self._preflight()
         waves = self._waves(candidates)
-        report = RolloutReport(self.filename, self.version, self.results, waves)
+        names = sorted({name for fileset in self.targets.values() for name in fileset.names})
+        versions = {f.sha256 for fileset in self.targets.values() for f in fileset.files}
+        report = RolloutReport(", ".join(names), versions.pop() if len(names) == 1 and len(versions) == 1 else "",
+                               self.results, waves,
+                               releases=sorted({f.release for f in self.targets.values() if f.release}))
         # The preflight already knows who is offline: past a limit, nothing is pushed at all.
         reason = self._over_limits()
         halted_at: Optional[int] = -1 if reason else None
         for index, wave in enumerate(waves if halted_at is None else []):
+            if self.on_wave is not None:
+                self.on_wave(wave)
             await self.fleet.run_each(wave, self._push, self._finish)
             reason = self._over_limits()
             if reason:
@@ -205,44 +201,51 @@ class Rollout:
             report.halted, report.halt_reason = True, reason
             for wave in waves[halted_at + 1:]:
                 for device_id in wave:
-                    self._finish(DeviceResult(device_id, Status.SKIPPED, old_version=self.old_versions.get(device_id),
-                                              note=f"not attempted: rollout halted ({report.halt_reason})"))
+                    self._finish(DeviceResult(device_id, Status.SKIPPED, note=f"not attempted: rollout halted ({reason})",
+                                              old_version=self._old_version(device_id)))
             if self.plan.rollback_on_failure and not self.plan.dry_run:
                 await self._roll_back()
         report.results = {d: self.results[d] for d in self.targets}
         report.seconds = time.perf_counter() - started
         return report
 
-    async def _attempt(self, awaitable: Awaitable[Any], device_id: str) -> DeviceResult:
-        return await attempt(awaitable, device_id, self.fleet.device(device_id))
-
     def _finish(self, result: DeviceResult) -> None:
         self.results[result.device_id] = result
         if self.on_result is not None:
             self.on_result(result)
 
+    def _old_version(self, device_id: str) -> Optional[str]:
+        files = self.targets[device_id].files
+        return self.before.get(device_id, {}).get(files[0].name, {}).get("sha256") if len(files) == 1 else None
+
     async def _preflight(self) -> List[str]:
-        statuses = await self.fleet.send_all({"command": "get_status"}, self.targets, timeout=self.plan.timeout)
+        statuses = await self.fleet.send_all({"command": "get_status"}, list(self.targets), timeout=self.plan.timeout)
         candidates = []
-        for device_id in self.targets:
+        for device_id, fileset in self.targets.items():
             status = statuses[device_id]
             if status.status is not Status.OK:
                 status.note = "offline at start: not attempted" if status.status is Status.UNREACHABLE \
                     else "preflight get_status failed: not attempted"
                 self._finish(status)
                 continue
-            modules = {m.get("file"): m for m in (status.reply or {}).get("modules", [])}
-            old = modules.get(self.filename, {}).get("sha256")
-            self.old_versions[device_id] = old
-            self.old_commands[device_id] = list(modules.get(self.filename, {}).get("commands") or [])
-            if "if_version" in (status.reply or {}).get("deploy_features", ()):
-                self._checkable.add(device_id)
-            if old == self.version:
-                self._finish(DeviceResult(device_id, Status.SKIPPED, old_version=old, new_version=old,
-                                          commands=list(modules[self.filename].get("commands", [])),
-                                          note="already at this version"))
-            else:
+            reply = status.reply or {}
+            modules = {m.get("file"): m for m in reply.get("modules", [])}
+            self.before[device_id] = modules
+            if "if_version" in reply.get("deploy_features", ()):
+                self.applier.checkable.add(device_id)
+            self.todo[device_id] = [f for f in fileset.files if modules.get(f.name, {}).get("sha256") != f.sha256]
+            if self.todo[device_id]:
                 candidates.append(device_id)
+                continue
+            self.current.append(device_id)
+            current = DeviceResult(device_id, Status.SKIPPED, release=fileset.release,
+                                   note=f"already on release {fileset.release}" if fileset.release and len(fileset.files) > 1
+                                   else "already at this version")
+            if len(fileset.files) == 1:
+                module = modules[fileset.files[0].name]
+                current.old_version = current.new_version = module.get("sha256")
+                current.commands = list(module.get("commands", []))
+            self._finish(current)
         return candidates
 
     def _waves(self, candidates: List[str]) -> List[List[str]]:
@@ -266,107 +269,39 @@ class Rollout:
         return ""
 
     async def _push(self, device_id: str) -> DeviceResult:
-        started = time.perf_counter()
-        old = self.old_versions.get(device_id)
-        result = await self._attempt(self.fleet.send_encoded(device_id, self._push_body, "update_handler",
-                                                       timeout=self.plan.timeout), device_id)
-        result.old_version = old
-        reply = result.reply or {}
-        details = reply.get("validation_details") or reply.get("validation") or {}
-        result.validation_errors = list(details.get("errors") or [])
-        result.validation_warnings = list(details.get("warnings") or [])
-        if result.status is Status.OK:
-            result.new_version = reply.get("version")
-            result.commands = list((reply.get("reload") or {}).get("commands") or [])
-            result.removed_commands = [c for c in self.old_commands.get(device_id, ()) if c not in result.commands]
-            result.changed = not reply.get("unchanged") and not reply.get("dry_run")
-            result.backup = reply.get("backup_created")
-            result.note = "dry run: passed every check" if reply.get("dry_run") else \
-                ("already at this version" if reply.get("unchanged") else "deployed")
-            if not self.plan.dry_run:
-                await self._check_live(device_id, result)
-        elif result.status is Status.FAILED and reply.get("rolled_back"):
-            result.note = "refused at load; the device put the previous version back"
-        elif not self.plan.dry_run and (result.status is Status.TIMEOUT or result.code == "connection_lost"):
-            self._unsure.add(device_id)
-            result.note = "sent, but not answered: it may still complete there (fleet status shows what runs)"
-        result.seconds = time.perf_counter() - started
-        return result
-
-    async def _check_live(self, device_id: str, result: DeviceResult) -> None:
-        """The wave check: the pushed commands are in the device's table, and verify passes."""
-        listed = await self._attempt(self.fleet.send_encoded(device_id, self._list_body, "list_commands",
-                                                       timeout=self.plan.timeout), device_id)
-        if listed.status is not Status.OK:
-            result.status, result.error, result.code = listed.status, f"after the push, list_commands: {listed.error}", listed.code
-            return
-        live = set((listed.reply or {}).get("commands", []))
-        missing = [c for c in result.commands if c not in live]
-        if missing:
-            result.status, result.code = Status.FAILED, "commands_missing"
-            result.error = f"pushed, but these commands are not live: {', '.join(missing)}"
-            return
-        if self.plan.verify:
-            check = await self._attempt(self.fleet.send_encoded(device_id, self._verify_body, self.plan.verify,
-                                                          timeout=self.plan.timeout), device_id)
-            if check.status is not Status.OK:
-                result.status, result.code = check.status, check.code or "verify_failed"
-                result.error = f"verify {self.plan.verify} failed: {check.error}"
-                return
-            result.note += f", verify {self.plan.verify} ok"
+        return await self.applier.apply(device_id, self.todo[device_id], self.before[device_id],
+                                        self.targets[device_id].release)
 
     async def _roll_back(self) -> None:
         """Put every device this rollout changed, or may have changed, back to what it ran before.
 
         Each undo names the version this rollout pushed (``if_version``), so the
         agent changes nothing if the device runs something else by then: a push
-        that never landed, or a deploy made since. For a push whose reply never
-        came, the undo queues on the device behind that push, if it is still
-        running, and then finds the old version by its sha256 (``to_version``).
+        that never landed, or a deploy made since.
         """
-        targets = [d for d, r in self.results.items() if r.changed or d in self._unsure & self._checkable]
-        for device_id in sorted(self._unsure - self._checkable):
-            # Without if_version the undo could roll back past what the device ran before: leave it alone.
-            self.results[device_id].note = ("sent, but not answered, and this agent is too old to check safely "
-                                             "whether it landed: see fleet status")
-        await self.fleet.run_each(targets, self._undo, self._finish)
+        applier = self.applier
+        targets = [d for d, pushed in applier.pushed.items()
+                   if any(not p.unsure or d in applier.checkable for p in pushed)]
+        for device_id in sorted(d for d, pushed in applier.pushed.items() if pushed and d not in applier.checkable):
+            if applier.unsure(device_id):
+                # Without if_version the undo could roll back past what the device ran before: leave it alone.
+                self.results[device_id].note = ("sent, but not answered, and this agent is too old to check safely "
+                                                 "whether it landed: see fleet status")
 
-    async def _undo(self, device_id: str) -> DeviceResult:
-        result = self.results[device_id]
-        unsure = device_id in self._unsure
-        old = result.old_version
-        command: Dict[str, Any] = {"filename": self.filename, "if_version": self.version}
-        if old is None:
-            command.update(command="delete_handler", backup=True)
-        elif unsure:
-            command.update(command="rollback_handler", to_version=old)
-        else:
-            command.update(command="rollback_handler", backup=result.backup)
-        undone = await self._attempt(self.fleet.send(device_id, command, timeout=self._undo_timeout), device_id)
-        reply = undone.reply or {}
-        if undone.status is not Status.OK:
-            # The device may stay on the new version while the others went back: that must stand out.
-            state = f"may still run {short(self.version)}" if unsure else f"still on {short(self.version)}"
-            reason = f"rollback failed, {state}: {undone.error}"
-            result.status, result.code = Status.FAILED, "rollback_failed"
-            result.error = f"{result.error}; {reason}" if result.error else reason
-        elif not reply.get("unchanged"):
-            result.status, result.new_version, result.removed_commands = Status.ROLLED_BACK, old, ()
-            back = f"rolled back to {short(old)}" if old else "rolled back: the new file was removed"
-            result.note = f"the push had landed after all; {back}" if unsure else back
-        elif reply.get("version") == old:
-            if not unsure:  # the agent's probation, or someone, already put it back
-                result.status, result.new_version, result.removed_commands = Status.ROLLED_BACK, old, ()
-            result.note = f"checked: it still runs what it ran before ({short(old)}); the push did not land or was undone"
-        else:
-            result.note = (f"not rolled back: it runs {short(reply.get('version'))} now, "
-                           "which neither this rollout pushed nor it ran before")
-        return result
+        async def undo(device_id: str) -> DeviceResult:
+            return await applier.undo(device_id, self.results[device_id])
+
+        await self.fleet.run_each(targets, undo, self._finish)
 
 
-async def deploy(fleet: Fleet, path: Union[str, Path], targets: Optional[Sequence[str]] = None,
-                 plan: Optional[RolloutPlan] = None, on_result: Optional[ResultCallback] = None) -> RolloutReport:
-    """Roll the handler file at ``path`` out to ``targets`` (default: the whole fleet)."""
-    filename, code = read_handler(Path(path))
+async def deploy(fleet: Fleet, path: Union[str, Path, Sequence[Union[str, Path]]],
+                 targets: Optional[Sequence[str]] = None, plan: Optional[RolloutPlan] = None,
+                 on_result: Optional[ResultCallback] = None) -> RolloutReport:
+    """Roll the handler file at ``path`` (or the files at several paths) out to ``targets`` (default: every device)."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    files = FileSet.of(read_handlers(Path(p) for p in paths))
     ids = list(targets) if targets is not None else [d.id for d in fleet.devices]
-    return await Rollout(fleet, filename, code, ids, plan or RolloutPlan(), on_result).run()
+    return await Rollout(fleet, {device_id: files for device_id in ids}, plan or RolloutPlan(), on_result).run()
+
+
+__all__ = ["Amount", "FileSet", "Rollout", "RolloutPlan", "RolloutReport", "deploy", "read_handler"]

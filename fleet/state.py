@@ -12,19 +12,29 @@ system crash or a power cut may lose the last few, never corrupt the file.)
                     who made it and when; an identical set is the same release
     release_files   the files of each release
     blobs           file contents by sha256: one copy serves every release that holds it
-    rollouts        each deploy: its file, version, release, plan, when it started and ended, outcome
+    rollouts        each rollout (deploy, converge, rollback): its files, release, plan, when it started
+                    and ended, outcome (none yet: running, or its controller was stopped)
     rollout_results each device's result in a rollout, as it arrived (an undo replaces it)
+    rollout_targets each device a rollout means to change: the release it takes it to, and the desired
+                    release it had before (so a halt can put it back, and a converge can finish the job)
+    desired         the release each device should run, and the rollout that set it
+
+A rollout in progress holds a lock (``<state>.locks/rollout-N``, ``flock``):
+a rollout with no outcome whose lock nobody holds was interrupted, and
+``fleet converge`` finishes it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from .errors import ConfigError
 
@@ -47,6 +57,13 @@ MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
         "CREATE TABLE rollout_results (rollout INTEGER NOT NULL REFERENCES rollouts(id), device TEXT NOT NULL, "
         "status TEXT NOT NULL, old_version TEXT, new_version TEXT, detail TEXT NOT NULL, at REAL NOT NULL, "
         "PRIMARY KEY (rollout, device))",
+    ),
+    (
+        "ALTER TABLE rollouts ADD COLUMN kind TEXT NOT NULL DEFAULT 'deploy'",
+        "CREATE TABLE rollout_targets (rollout INTEGER NOT NULL REFERENCES rollouts(id), device TEXT NOT NULL, "
+        "release INTEGER NOT NULL REFERENCES releases(number), previous INTEGER, PRIMARY KEY (rollout, device))",
+        "CREATE TABLE desired (device TEXT PRIMARY KEY, release INTEGER NOT NULL REFERENCES releases(number), "
+        "set_at REAL NOT NULL, rollout INTEGER REFERENCES rollouts(id))",
     ),
 )
 
@@ -78,6 +95,7 @@ class StateStore:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._migrate()
+            self._claims: Dict[int, int] = {}  # rollout -> the fd of its lock, held while it runs
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot use the state file {path}: {exc} (give another with --state or "
                               f"${STATE_ENV})") from None
@@ -89,6 +107,10 @@ class StateStore:
         self.close()
 
     def close(self) -> None:
+        """Close the database; rollouts still open here keep no lock (``fleet converge`` may finish them)."""
+        for rollout in list(self._claims):
+            fd = self._claims.pop(rollout)
+            os.close(fd)
         self._db.close()
 
     @property
@@ -156,16 +178,53 @@ class StateStore:
         return bytes(row[0])
 
 
+    def release_index(self) -> Tuple[Dict[Tuple[str, str], Set[int]], Dict[int, Dict[str, str]]]:
+        """``({(file name, sha256): {releases holding that version}}, {release: {file name: sha256}})``:
+        in one query, what telling behind from ahead needs."""
+        known: Dict[Tuple[str, str], Set[int]] = {}
+        files: Dict[int, Dict[str, str]] = {}
+        for name, sha, number in self._db.execute("SELECT name, sha256, release FROM release_files"):
+            known.setdefault((name, sha), set()).add(number)
+            files.setdefault(number, {})[name] = sha
+        return known, files
+
+    # Desired state
+
+    def desired(self, devices: Optional[Iterable[str]] = None) -> Dict[str, int]:
+        """``{device: the release it should run}`` for ``devices`` (default: every device that has one)."""
+        rows = dict(self._db.execute("SELECT device, release FROM desired").fetchall())
+        return rows if devices is None else {d: rows[d] for d in devices if d in rows}
+
+    def set_desired(self, releases: Mapping[str, Optional[int]], rollout: Optional[int] = None) -> None:
+        """Set each device's desired release (None: it has none) in one transaction."""
+        now = time.time()
+        with self._transaction():
+            for device, release in releases.items():
+                if release is None:
+                    self._db.execute("DELETE FROM desired WHERE device = ?", (device,))
+                else:
+                    self._db.execute("INSERT OR REPLACE INTO desired VALUES (?, ?, ?, ?)", (device, release, now, rollout))
+
+    def changes_seen(self) -> int:
+        """A number that changes whenever another connection commits: cheap to poll for new desired state."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
     # Rollouts
 
-    def start_rollout(self, *, file: str, version: str, release: Optional[int], plan: Mapping[str, Any],
-                      targets: int) -> int:
+    def start_rollout(self, *, kind: str, file: str, version: str, release: Optional[int], plan: Mapping[str, Any],
+                      targets: Mapping[str, int]) -> int:
+        """Record a rollout taking each of ``targets`` to its release, and hold its lock until ``finish_rollout``."""
+        previous = self.desired(targets)
         with self._transaction():
             cursor = self._db.execute(
-                "INSERT INTO rollouts (release, file, version, plan, targets, started) VALUES (?, ?, ?, ?, ?, ?)",
-                (release, file, version, json.dumps(dict(plan), default=str), targets, time.time()))
-        assert cursor.lastrowid is not None
-        return int(cursor.lastrowid)
+                "INSERT INTO rollouts (kind, release, file, version, plan, targets, started) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (kind, release, file, version, json.dumps(dict(plan), default=str), len(targets), time.time()))
+            assert cursor.lastrowid is not None
+            rollout = int(cursor.lastrowid)
+            self._db.executemany("INSERT INTO rollout_targets VALUES (?, ?, ?, ?)",
+                                 [(rollout, d, release_, previous.get(d)) for d, release_ in targets.items()])
+            self._claim(rollout)  # before the commit: no one can see this rollout unclaimed
+        return rollout
 
     def record_result(self, rollout: int, device: str, status: str, *, old_version: Optional[str],
                       new_version: Optional[str], detail: str) -> None:
@@ -176,23 +235,98 @@ class StateStore:
     def finish_rollout(self, rollout: int, outcome: str) -> None:
         with self._transaction():
             self._db.execute("UPDATE rollouts SET finished = ?, outcome = ? WHERE id = ?", (time.time(), outcome, rollout))
+        self._unclaim(rollout)
+
+    def restore_desired(self, rollout: int, devices: Iterable[str]) -> None:
+        """Put ``devices`` back on the desired release they had before ``rollout`` set theirs."""
+        with self._transaction():
+            for device in devices:
+                row = self._db.execute("SELECT previous FROM rollout_targets t JOIN desired d USING (device) "
+                                       "WHERE t.rollout = ? AND device = ? AND d.rollout = ?",
+                                       (rollout, device, rollout)).fetchone()
+                if row is None:
+                    continue  # this rollout never set it, or something set it since
+                if row[0] is None:
+                    self._db.execute("DELETE FROM desired WHERE device = ?", (device,))
+                else:
+                    self._db.execute("UPDATE desired SET release = ?, set_at = ?, rollout = NULL WHERE device = ?",
+                                     (row[0], time.time(), device))
+
+    def adopt_interrupted(self, by: str) -> Dict[int, List[str]]:
+        """Finish the job of every rollout whose controller stopped: ``{rollout: devices given its release}``.
+
+        Each of its targets whose desired release is still the one it had
+        before that rollout gets the rollout's release; one set since by
+        anything else is left alone. The rollout's outcome then says ``by``.
+        """
+        adopted: Dict[int, List[str]] = {}
+        with self._transaction():
+            for (rollout,) in self._db.execute("SELECT id FROM rollouts WHERE outcome IS NULL").fetchall():
+                if self.running(rollout):
+                    continue
+                rows = self._db.execute(
+                    "SELECT t.device, t.release FROM rollout_targets t LEFT JOIN desired d USING (device) "
+                    "WHERE t.rollout = ? AND (d.release IS t.previous) AND (d.rollout IS NOT ?)",
+                    (rollout, rollout)).fetchall()
+                now = time.time()
+                self._db.executemany("INSERT OR REPLACE INTO desired VALUES (?, ?, ?, ?)",
+                                     [(device, release, now, rollout) for device, release in rows])
+                self._db.execute("UPDATE rollouts SET finished = ?, outcome = ? WHERE id = ?",
+                                 (now, f"interrupted; finished by {by}", rollout))
+                adopted[rollout] = [device for device, _ in rows]
+        return adopted
+
+    # Locks: a rollout in progress holds one
+
+    def _lock_path(self, rollout: int) -> Path:
+        return Path(f"{self.path}.locks") / f"rollout-{rollout}"
+
+    def _claim(self, rollout: int) -> None:
+        path = self._lock_path(rollout)
+        path.parent.mkdir(exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._claims[rollout] = fd
+
+    def _unclaim(self, rollout: int) -> None:
+        fd = self._claims.pop(rollout, None)
+        if fd is not None:
+            self._lock_path(rollout).unlink(missing_ok=True)
+            os.close(fd)
+
+    def running(self, rollout: int) -> bool:
+        """Whether a live controller holds ``rollout``'s lock (this one, or another process)."""
+        if rollout in self._claims:
+            return True
+        try:
+            fd = os.open(self._lock_path(rollout), os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
 
     def rollouts(self, limit: Optional[int] = None) -> List["RolloutRecord"]:
         """Newest first, each with its per-device results; one never finished has ``outcome`` None."""
-        rows = self._db.execute("SELECT id, release, file, version, plan, targets, started, finished, outcome "
+        rows = self._db.execute("SELECT id, kind, release, file, version, plan, targets, started, finished, outcome "
                                 "FROM rollouts ORDER BY id DESC LIMIT ?", (-1 if limit is None else limit,)).fetchall()
         records = []
         for row in rows:
             results = {device: status for device, status in self._db.execute(
                 "SELECT device, status FROM rollout_results WHERE rollout = ? ORDER BY device", (row[0],))}
-            records.append(RolloutRecord(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], row[6], row[7],
-                                         row[8], results))
+            records.append(RolloutRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7],
+                                         row[8], row[9], results, self.running(row[0]) if row[9] is None else False))
         return records
 
 
 @dataclass(frozen=True)
 class RolloutRecord:
     id: int
+    kind: str  # deploy, converge or rollback
     release: Optional[int]
     file: str
     version: str
@@ -202,6 +336,7 @@ class RolloutRecord:
     finished: Optional[float]
     outcome: Optional[str]  # None: the controller stopped before it ended (killed, Ctrl-C)
     results: Dict[str, str]  # device -> status
+    running: bool = False  # no outcome yet, and its controller is still at work
 
 
 class _Transaction:

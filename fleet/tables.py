@@ -11,7 +11,6 @@ import time
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Set
 
-from .inventory import Device
 from .results import DeviceResult, Status, short
 from .text import grid, lines, visible
 
@@ -42,126 +41,6 @@ def ago(timestamp: Optional[float], now: Optional[float] = None) -> str:
     return duration((now or time.time()) - timestamp) + " ago"
 
 
-def _running(result: DeviceResult) -> Dict[str, str]:
-    """``{handler file: sha256}`` of what a device said it runs."""
-    return {module["file"]: module["sha256"] for module in (result.reply or {}).get("modules", [])}
-
-
-def _failed_to_load(result: DeviceResult) -> Set[str]:
-    """Handler files a device has but could not load."""
-    return {module["file"] for module in (result.reply or {}).get("failed_modules", [])}
-
-
-def _findings(reply: Dict[str, Any]) -> List[str]:
-    """What an agent found by itself and a person should know: files changed behind its back, versions
-    it quarantined, code that probation rolled back (the newest time per file), and storage that is
-    nearly full."""
-    found = [str(finding.get("detail")) for finding in reply.get("integrity", [])]
-    for entry in reply.get("quarantine", []):  # each version once: a finding at start may already name it
-        version = str(entry.get("version"))
-        if not any(version[:12] in line for line in found):
-            found.append(f"{entry.get('file')} at {short(version)} is quarantined ({ago(entry.get('time'))}): "
-                         f"{entry.get('reason')}; the agent will not load it again unless pushed with --force")
-    newest = {record.get("file"): record for record in reply.get("auto_rollbacks", [])}  # oldest first
-    for file, record in newest.items():
-        found.append(f"{file} was rolled back automatically {ago(record.get('time'))}: {record.get('reason')}")
-    disk = reply.get("disk") or {}
-    free, total = disk.get("free_bytes"), disk.get("total_bytes")
-    if isinstance(free, int) and isinstance(total, int) and total > 0 and free < total * LOW_DISK_SHARE:
-        found.append(f"only {size(free)} free of {size(total)} ({free * 100 // total}%) on the agent's storage: "
-                     "deploys (and recordings) fail once it is full")
-    return found
-
-
-def size(count: int) -> str:
-    """Storage sizes for people: ``120 MiB``, ``1.1 GiB``."""
-    if count < 1024 ** 3:
-        return f"{count / 1024 ** 2:.0f} MiB"
-    return f"{count / 1024 ** 3:.1f} GiB"
-
-
-def drifted(devices: Sequence[Device], statuses: Dict[str, DeviceResult]) -> Dict[str, List[str]]:
-    """``{device_id: [handler files on which it differs from most devices of its type]}``.
-
-    Only devices that answered count. A missing file counts as a version of its
-    own: a device that lacks a handler its peers run, or runs one they do not,
-    is as far off as one on an old version. Devices are compared with others of
-    the same ``type``, because a sensor need not run the camera's handlers. When
-    devices are split evenly there is no majority to follow, and every one of
-    them is marked rather than an arbitrary half.
-    """
-    peers_by_type: Dict[str, Dict[str, Dict[str, str]]] = {}
-    for device in devices:
-        result = statuses.get(device.id)
-        if result is not None and result.status is Status.OK:
-            peers_by_type.setdefault(device.type, {})[device.id] = _running(result)
-    out: Dict[str, List[str]] = {}
-    for peers in peers_by_type.values():
-        for file in sorted({file for running in peers.values() for file in running}):
-            counts = Counter(running.get(file) for running in peers.values()).most_common(2)
-            split = len(counts) == 2 and counts[0][1] == counts[1][1]
-            for device_id, running in peers.items():
-                if split or running.get(file) != counts[0][0]:
-                    out.setdefault(device_id, []).append(file)
-    return out
-
-
-def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
-                 last_changes: Dict[str, Optional[Dict[str, Any]]]) -> str:
-    drift = drifted(devices, statuses)
-    files = sorted({file for result in statuses.values() if result.status is Status.OK
-                    for file in {*_running(result), *_failed_to_load(result)}})
-    headers = ["device", "name", "address", "reachable", "agent", "uptime", *files, "commands", "last change"]
-    rows = []
-    problems = []  # under the table: why a device did not answer, or what its agent reported
-    for device in devices:
-        result = statuses.get(device.id)
-        reply = (result.reply or {}) if result else {}
-        if result is None or result.status is not Status.OK:
-            reason = result.status.value.lower() if result else "unknown"
-            # A device that answered is reachable, even when it refused (a wrong token, say).
-            reachable = f"yes ({result.code})" if result is not None and result.reply else f"no ({reason})"
-            rows.append([device.id, device.label, device.address, reachable, "-", "-",
-                         *["-" for _ in files], "-", "-"])
-            if result is not None and result.error:
-                problems.append(f"{device.id}: {result.error}")
-            continue
-        problems.extend(f"{device.id}: {finding}" for finding in _findings(reply))
-        running, failed = _running(result), _failed_to_load(result)
-        cells = []
-        for file in files:
-            if file in failed:
-                cells.append("LOAD FAILED")
-            elif file in drift.get(device.id, ()):
-                cells.append(f"{short(running.get(file))} {DRIFT_MARK}")
-            else:
-                cells.append(short(running.get(file)))
-        change = last_changes.get(device.id)
-        last = f"{change['action']} {change['file']} {ago(change.get('time'))}" if change else "-"
-        rows.append([device.id, device.label, device.address, "yes", reply.get("agent_version", "?"),
-                     duration(reply.get("uptime_seconds")), *cells, reply.get("command_count", "-"), last])
-    text = grid(rows, headers)
-    if drift:
-        text += (f"\n{DRIFT_MARK} drift: differs from what most devices of the same type run "
-                 "(another version, or a file missing or extra), or they are split evenly")
-    if problems:
-        text += "\n\n" + lines(problems)
-    return text
-
-
-def status_document(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
-                    last_changes: Dict[str, Optional[Dict[str, Any]]]) -> Dict[str, Any]:
-    """What ``status_table`` shows, as one JSON-ready document (``--json``)."""
-    drift = drifted(devices, statuses)
-    return {"devices": [
-        {"device": device.id, "address": device.address, "reachable": statuses[device.id].status is Status.OK,
-         "status": statuses[device.id].status.value, "error": statuses[device.id].error,
-         "agent": statuses[device.id].reply, "last_change": last_changes.get(device.id),
-         "drift": drift.get(device.id, [])}
-        for device in devices
-    ]}
-
-
 def rollout_table(results: Sequence[DeviceResult]) -> str:
     """The per-device table, then what needs a look even where the push went through (``rollout_notes``)."""
     rows = []
@@ -170,9 +49,9 @@ def rollout_table(results: Sequence[DeviceResult]) -> str:
         if error and r.validation_errors and r.status is Status.FAILED:
             error = f"{error} ({len(r.validation_errors)} validation error(s))"
         detail = _detail(error, r.note, _cautions(r))
-        rows.append([r.device_id, r.status.value, f"{short(r.old_version)} -> {short(r.new_version)}",
-                     len(r.commands) if r.commands else "-", f"{r.seconds:.2f}s", detail or ""])
-    text = grid(rows, ["device", "outcome", "version", "commands", "time", "detail"])
+        rows.append([r.device_id, r.status.value, change_cell(r), len(r.commands) if r.commands else "-",
+                     f"{r.seconds:.2f}s", detail or ""])
+    text = grid(rows, ["device", "outcome", "change", "commands (pushed files)", "time", "detail"])
     notes = rollout_notes(results)
     return f"{text}\n\n{notes}" if notes else text
 
@@ -252,8 +131,22 @@ def progress_line(result: DeviceResult, done: int, total: int) -> str:
     """
     width = len(str(total))
     position = f"{done:>{width}}/{total}" if done <= total else "undo".center(2 * width + 1)
+    return f"[{position}] {progress_detail(result)}"
+
+
+def progress_detail(result: DeviceResult) -> str:
+    """``d3  OK  a1b2c3d4 -> 9f8e7d6c  deployed``: one device's result on one line."""
     detail = _detail(result.error, result.note, _cautions(result))
-    versions = ""
+    change = change_cell(result)
+    versions = f" {change}" if change != "-" else ""
+    return visible(f"{result.device_id:<16} {result.status.value:<11}{versions}  {detail}".rstrip())
+
+
+def change_cell(result: DeviceResult) -> str:
+    """What a rollout did to a device: ``a1b2c3d4 -> 9f8e7d6c`` for one file, ``release 4 (2 files)`` for several."""
+    if result.files is not None and len(result.files) > 1:
+        changed = sum(old != new for old, new in result.files.values())
+        return f"release {result.release or '-'} ({changed} file{'' if changed == 1 else 's'} changed)"
     if result.old_version or result.new_version:
-        versions = f" {short(result.old_version)} -> {short(result.new_version)}"
-    return visible(f"[{position}] {result.device_id:<16} {result.status.value:<11}{versions}  {detail}".rstrip())
+        return f"{short(result.old_version)} -> {short(result.new_version)}"
+    return "-"

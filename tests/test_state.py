@@ -114,8 +114,11 @@ def test_a_state_file_from_the_first_schema_migrates_forward_and_keeps_its_relea
     with StateStore(path) as store:
         assert store.schema_version == len(MIGRATIONS) > 1
         assert store.release(1).files == {"cam.py": hashlib.sha256(CAM).hexdigest()}
-        rollout = store.start_rollout(file="cam.py", version="ab", release=1, plan={"canary": 1}, targets=2)
+        rollout = store.start_rollout(kind="deploy", file="cam.py", version="ab", release=1, plan={"canary": 1},
+                                      targets={"d0": 1, "d1": 1})
         store.record_result(rollout, "d0", "OK", old_version=None, new_version="ab", detail="")
+        store.set_desired({"d0": 1}, rollout)
         store.finish_rollout(rollout, "1 OK")
         (record,) = store.rollouts()
         assert (record.release, record.results, record.outcome, record.plan) == (1, {"d0": "OK"}, "1 OK", {"canary": 1})
+        assert (record.kind, record.targets, store.desired()) == ("deploy", 2, {"d0": 1})

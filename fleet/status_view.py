@@ -1,0 +1,161 @@
+"""The status table (``fleet status``): where each device stands, in a 120-column terminal.
+
+One row per device: its desired release, the release it reports, its state
+(``standing``), its agent, uptime, how many handler files and commands it
+has, and its last change. Everything else goes under the table, each line
+naming its device: files that drift from what most devices of the same type
+run, files that differ from the desired release, why a device did not answer,
+and what its agent found by itself. ``--wide`` adds each device's address and
+a column per handler file with its version.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
+
+from .inventory import Device
+from .results import DeviceResult, Status, short
+from .standing import CURRENT, REFUSED, Known, Standing, count, standing
+from .tables import DRIFT_MARK, LOW_DISK_SHARE, ago, duration
+from .text import grid, lines
+
+LEGEND = "files: handler files the device runs; commands: the commands it offers (the agent's own and its handlers')"
+
+
+def _running(result: DeviceResult) -> Dict[str, str]:
+    """``{handler file: sha256}`` of what a device said it runs."""
+    return {module["file"]: module["sha256"] for module in (result.reply or {}).get("modules", [])}
+
+
+def _failed_to_load(result: DeviceResult) -> Set[str]:
+    """Handler files a device has but could not load."""
+    return {module["file"] for module in (result.reply or {}).get("failed_modules", [])}
+
+
+def _findings(reply: Dict[str, Any]) -> List[str]:
+    """What an agent found by itself and a person should know: files changed behind its back, versions
+    it quarantined, code that probation rolled back (the newest time per file), and storage that is
+    nearly full."""
+    found = [str(finding.get("detail")) for finding in reply.get("integrity", [])]
+    for entry in reply.get("quarantine", []):  # each version once: a finding at start may already name it
+        version = str(entry.get("version"))
+        if not any(version[:12] in line for line in found):
+            found.append(f"{entry.get('file')} at {short(version)} is quarantined ({ago(entry.get('time'))}): "
+                         f"{entry.get('reason')}; the agent will not load it again unless pushed with --force")
+    newest = {record.get("file"): record for record in reply.get("auto_rollbacks", [])}  # oldest first
+    for file, record in newest.items():
+        found.append(f"{file} was rolled back automatically {ago(record.get('time'))}: {record.get('reason')}")
+    disk = reply.get("disk") or {}
+    free, total = disk.get("free_bytes"), disk.get("total_bytes")
+    if isinstance(free, int) and isinstance(total, int) and total > 0 and free < total * LOW_DISK_SHARE:
+        found.append(f"only {size(free)} free of {size(total)} ({free * 100 // total}%) on the agent's storage: "
+                     "deploys (and recordings) fail once it is full")
+    return found
+
+
+def size(count: int) -> str:
+    """Storage sizes for people: ``120 MiB``, ``1.1 GiB``."""
+    if count < 1024 ** 3:
+        return f"{count / 1024 ** 2:.0f} MiB"
+    return f"{count / 1024 ** 3:.1f} GiB"
+
+
+def drifted(devices: Sequence[Device], statuses: Dict[str, DeviceResult]) -> Dict[str, List[str]]:
+    """``{device_id: [handler files on which it differs from most devices of its type]}``.
+
+    Only devices that answered count. A missing file counts as a version of its
+    own: a device that lacks a handler its peers run, or runs one they do not,
+    is as far off as one on an old version. Devices are compared with others of
+    the same ``type``, because a sensor need not run the camera's handlers. When
+    devices are split evenly there is no majority to follow, and every one of
+    them is marked rather than an arbitrary half.
+    """
+    peers_by_type: Dict[str, Dict[str, Dict[str, str]]] = {}
+    for device in devices:
+        result = statuses.get(device.id)
+        if result is not None and result.status is Status.OK:
+            peers_by_type.setdefault(device.type, {})[device.id] = _running(result)
+    out: Dict[str, List[str]] = {}
+    for peers in peers_by_type.values():
+        for file in sorted({file for running in peers.values() for file in running}):
+            counts = Counter(running.get(file) for running in peers.values()).most_common(2)
+            split = len(counts) == 2 and counts[0][1] == counts[1][1]
+            for device_id, running in peers.items():
+                if split or running.get(file) != counts[0][0]:
+                    out.setdefault(device_id, []).append(file)
+    return out
+
+
+def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
+                 last_changes: Dict[str, Optional[Dict[str, Any]]], standings: Dict[str, Standing],
+                 wide: bool = False) -> str:
+    drift = drifted(devices, statuses)
+    files = sorted({file for result in statuses.values() if result.status is Status.OK
+                    for file in {*_running(result), *_failed_to_load(result)}}) if wide else []
+    headers = ["device", *(["name", "address"] if wide else []), "desired", "runs", "state", "agent", "uptime",
+               "files", "commands", *files, "last change"]
+    rows = []
+    notes: List[str] = []  # under the table: why a device did not answer, or what its agent reported
+    for device in devices:
+        result, place = statuses[device.id], standings[device.id]
+        reply = result.reply or {}
+        where = [device.label, device.address] if wide else []
+        stands = [place.desired_release or "-", place.reported_release or "-", place.state]
+        if result.status is not Status.OK:
+            rows.append([device.id, *where, *stands, "-", "-", "-", "-", *["-" for _ in files], "-"])
+            notes.append(f"{device.id}: {result.error}")
+            continue
+        if place.files and place.state != CURRENT:
+            notes.append(f"{device.id}: {place.state} release {place.desired_release}: "
+                         f"{', '.join(place.files)} differ{'s' if len(place.files) == 1 else ''}")
+        notes.extend(f"{device.id}: {finding}" for finding in _findings(reply))
+        if drift.get(device.id):
+            notes.append(f"{device.id}: {DRIFT_MARK} {', '.join(drift[device.id])} "
+                         f"drift{'s' if len(drift[device.id]) == 1 else ''} from what most "
+                         f"{device.type + ' ' if device.type else ''}devices run")
+        running, failed = _running(result), _failed_to_load(result)
+        count_cell = f"{len(running | dict.fromkeys(failed))}{' ' + DRIFT_MARK if drift.get(device.id) else ''}"
+        cells = ["LOAD FAILED" if f in failed else short(running.get(f)) + (f" {DRIFT_MARK}" if f in drift.get(
+            device.id, ()) else "") for f in files]
+        change = last_changes.get(device.id)
+        last = f"{change['action']} {change['file']} {ago(change.get('time'))}" if change else "-"
+        rows.append([device.id, *where, *stands, reply.get("agent_version", "?"), duration(reply.get("uptime_seconds")),
+                     count_cell, reply.get("command_count", "-"), *cells, last])
+    text = grid(rows, headers)
+    summary = ", ".join(f"{n} {state}" for state, n in count(standings[d.id] for d in devices))
+    text += "\n" + lines([f"{len(devices)} device(s): {summary}", LEGEND]
+                         + [f"{DRIFT_MARK} drift: a file differs from what most devices of the same type run "
+                            "(another version, missing or extra), or they are split evenly"] * bool(drift))
+    if notes:
+        text += "\n\n" + lines(notes)
+    return text
+
+
+def standings(devices: Sequence[Device], statuses: Dict[str, DeviceResult], desired: Mapping[str, int],
+              known: Known, releases: Mapping[int, Mapping[str, str]]) -> Dict[str, Standing]:
+    """Where each device stands (``standing``), from its status and the store's desired releases."""
+    out = {}
+    for device in devices:
+        result, want = statuses[device.id], desired.get(device.id)
+        if result.status is not Status.OK and result.reply:  # it answered: reachable, but it would not say
+            out[device.id] = Standing(REFUSED, want, None)
+            continue
+        modules = (result.reply or {}).get("modules", []) if result.status is Status.OK else None
+        out[device.id] = standing(want, releases.get(want, {}) if want else {}, modules, known, releases)
+    return out
+
+
+def status_document(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
+                    last_changes: Dict[str, Optional[Dict[str, Any]]],
+                    standings: Dict[str, Standing]) -> Dict[str, Any]:
+    """What ``status_table`` shows, as one JSON-ready document (``--json``)."""
+    drift = drifted(devices, statuses)
+    return {"devices": [
+        {"device": device.id, "address": device.address, "reachable": statuses[device.id].status is Status.OK,
+         "status": statuses[device.id].status.value, "error": statuses[device.id].error,
+         **standings[device.id].as_dict(),
+         "agent": statuses[device.id].reply, "last_change": last_changes.get(device.id),
+         "drift": drift.get(device.id, [])}
+        for device in devices
+    ]}

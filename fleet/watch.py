@@ -1,0 +1,109 @@
+"""``fleet converge --watch``: converge each device as it comes back online, without anyone running a command.
+
+It holds a connection to every target (retrying offline ones every
+``retry_every`` seconds) and converges, in batches:
+
+- each device whose connection opens (it started, or came back on the network);
+- each device whose desired release changes (a deploy or a rollback run from
+  another shell: the store is polled, cheaply, twice a second).
+
+A device already on its release costs one ``get_status`` and leaves no record;
+every push is recorded like any rollout and printed as one line. SIGTERM (or
+Ctrl-C) stops it cleanly: the batch in flight finishes, then it exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import Dict, List, Set
+
+from .cli_common import EXIT_OK, say
+from .converge import desired_targets, run_recorded
+from .fleet import Fleet
+from .results import DeviceResult, Status
+from .rollout import RolloutPlan
+from .state import StateStore
+from .tables import progress_detail
+
+POLL = 0.5  # seconds between looks at the store for desired releases set by another controller
+
+
+class Watch:
+    def __init__(self, fleet: Fleet, store: StateStore, ids: List[str], plan: RolloutPlan, *,
+                 retry_every: float = 1.0) -> None:
+        if retry_every <= 0:
+            from .errors import ConfigError
+
+            raise ConfigError("--retry-every must be a positive number of seconds")
+        self.fleet, self.store, self.ids, self.plan = fleet, store, ids, plan
+        self.retry_every = retry_every
+        self.pending: Set[str] = set()
+        self.wake = asyncio.Event()
+        self.stopping = False
+        self.desired: Dict[str, int] = {}
+        self.seen = -1
+
+    def stop(self) -> None:
+        if not self.stopping:
+            say("fleet: stopping: the batch in flight finishes first")
+        self.stopping = True
+        self.wake.set()
+
+    def _online(self, device_id: str) -> None:
+        self.pending.add(device_id)
+        self.wake.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        try:
+            for rollout, devices in self.store.adopt_interrupted(by="fleet converge --watch").items():
+                say(f"rollout {rollout} was interrupted: its {len(devices)} remaining device(s) were given its release")
+                self.pending.update(devices)
+            self._desired_changes()
+            say(f"watching {len(self.ids)} device(s), {len(self.desired)} with a desired release; "
+                "SIGTERM or Ctrl-C stops")
+            self.fleet.watch(self._online, self.retry_every, self.ids)
+            await self.fleet.connect(targets=self.ids)
+            while not self.stopping:
+                try:
+                    await asyncio.wait_for(self.wake.wait(), POLL)
+                except asyncio.TimeoutError:
+                    pass
+                self.wake.clear()
+                self._desired_changes()
+                if not self.stopping:
+                    await self._converge_pending()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        say("fleet: stopped")
+        return EXIT_OK
+
+    def _desired_changes(self) -> None:
+        """Queue the devices whose desired release another controller (or this one) changed."""
+        seen = self.store.changes_seen()
+        if seen == self.seen:
+            return
+        self.seen = seen
+        desired = self.store.desired(self.ids)
+        self.pending.update(d for d, release in desired.items() if self.desired.get(d) != release)
+        self.desired = desired
+
+    async def _converge_pending(self) -> None:
+        # A device offline now is queued again when its connection opens.
+        batch = [d for d in self.ids if d in self.pending and d in self.desired and self.fleet.connected(d)]
+        self.pending.clear()
+        if not batch:
+            return
+        await run_recorded(self.fleet, self.store, "converge", desired_targets(self.store, batch), self.plan,
+                           self._line, record_idle=False)
+
+    @staticmethod
+    def _line(result: DeviceResult) -> None:
+        if result.status is Status.SKIPPED and not result.note.startswith("not attempted"):
+            return  # already on its release: nothing was done
+        say(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {progress_detail(result)}")
