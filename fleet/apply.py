@@ -155,7 +155,7 @@ class Applier:
     async def _put_back(self, device_id: str, result: DeviceResult) -> None:
         """After one file failed: undo the files this rollout already changed on the device."""
         confirmed = [p for p in self.pushed[device_id] if not p.unsure]
-        undone = await self._undo_each(device_id, confirmed)
+        undone = await self._undo_each(device_id, confirmed, named=True)
         self.pushed[device_id] = self.unsure(device_id)
         failures = [text for _, kind, text in undone if kind == _FAILED]
         if failures:
@@ -175,7 +175,7 @@ class Applier:
         its sha256 (``to_version``).
         """
         pushed = [p for p in self.pushed.get(device_id, ()) if not p.unsure or device_id in self.checkable]
-        undone = await self._undo_each(device_id, pushed)
+        undone = await self._undo_each(device_id, pushed, named=len(_files(result)) > 1)
         failures = [text for _, kind, text in undone if kind == _FAILED]
         result.note = "; ".join(text for _, kind, text in undone if kind != _FAILED)
         if failures:
@@ -190,9 +190,10 @@ class Applier:
                 result.new_version = result.old_version
         return result
 
-    async def _undo_each(self, device_id: str, pushed: List[Pushed]) -> List[Tuple[Pushed, str, str]]:
-        """Undo ``pushed`` in reverse order: each one, how it went (``_BACK``...), and in words."""
-        named = len({p.file.name for p in self.pushed.get(device_id, ())}) > 1
+    async def _undo_each(self, device_id: str, pushed: List[Pushed], *,
+                         named: bool) -> List[Tuple[Pushed, str, str]]:
+        """Undo ``pushed`` in reverse order: each one, how it went (``_BACK``...), and in words (``named``:
+        each starting with its file's name)."""
         undone = []
         for p in reversed(pushed):
             kind, text = await self._undo_one(device_id, p)

@@ -101,13 +101,14 @@ def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
         result, place = statuses[device.id], standings[device.id]
         reply = result.reply or {}
         where = [device.label, device.address] if wide else []
-        stands = [place.desired_release or "-", place.reported_release or "-", place.state]
+        stands = [str(place.desired_release or "-"), str(place.reported_release or "-"), place.state]
         if result.status is not Status.OK:
             rows.append([device.id, *where, *stands, "-", "-", "-", "-", *["-" for _ in files], "-"])
             notes.append(f"{device.id}: {result.error}")
             continue
         if place.files and place.state != CURRENT:
-            notes.append(f"{device.id}: {place.state} release {place.desired_release}: "
+            relation = {"ahead": "ahead of", "diverged": "diverged from"}.get(place.state, place.state)
+            notes.append(f"{device.id}: {relation} its desired release {place.desired_release}: "
                          f"{', '.join(place.files)} differ{'s' if len(place.files) == 1 else ''}")
         notes.extend(f"{device.id}: {finding}" for finding in _findings(reply))
         if drift.get(device.id):
@@ -125,8 +126,8 @@ def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
     text = grid(rows, headers)
     summary = ", ".join(f"{n} {state}" for state, n in count(standings[d.id] for d in devices))
     text += "\n" + lines([f"{len(devices)} device(s): {summary}", LEGEND]
-                         + [f"{DRIFT_MARK} drift: a file differs from what most devices of the same type run "
-                            "(another version, missing or extra), or they are split evenly"] * bool(drift))
+                         + [f"{DRIFT_MARK} drift: a file differs from most devices of the same type (another version, "
+                            "missing or extra), or they split evenly"] * bool(drift))
     if notes:
         text += "\n\n" + lines(notes)
     return text

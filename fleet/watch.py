@@ -64,10 +64,12 @@ class Watch:
                 say(f"rollout {rollout} was interrupted: its {len(devices)} remaining device(s) were given its release")
                 self.pending.update(devices)
             self._desired_changes()
-            say(f"watching {len(self.ids)} device(s), {len(self.desired)} with a desired release; "
-                "SIGTERM or Ctrl-C stops")
             self.fleet.watch(self._online, self.retry_every, self.ids)
             await self.fleet.connect(targets=self.ids)
+            await self._converge_pending()  # the devices online now, first
+            online = sum(self.fleet.connected(d) for d in self.ids)
+            say(f"watching {len(self.ids)} device(s), {len(self.desired)} with a desired release, {online} online; "
+                "SIGTERM or Ctrl-C stops")
             while not self.stopping:
                 try:
                     await asyncio.wait_for(self.wake.wait(), POLL)

@@ -227,3 +227,12 @@ def spawn_agent(tmp_path):
     yield _spawn
     for proc in procs:
         proc.stop()
+
+
+@pytest.fixture
+def agents(tmp_path):
+    """Real agent processes (``fleet.local``), each in its own folder under ``tmp_path``; stopped at the end."""
+    from fleet.local import LocalAgents
+
+    with LocalAgents(tmp_path / "agents") as local:
+        yield local

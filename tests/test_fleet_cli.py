@@ -10,16 +10,10 @@ import pytest
 
 from conftest import REPO, sha
 from fleet.cli import main
-from fleet.local import LocalAgents, free_port
+from fleet.local import free_port
 
 V1 = "VERSION = 1\n\ndef handle_version(data):\n    return {'version': VERSION}\n"
 V2 = "VERSION = 2\n\ndef handle_version(data):\n    return {'version': VERSION}\n"
-
-
-@pytest.fixture
-def agents(tmp_path):
-    with LocalAgents(tmp_path / "agents") as local:
-        yield local
 
 
 def inventory(tmp_path, agents, count=2, offline=False, tokens=None):
