@@ -2,8 +2,8 @@
 
 A release is an immutable, numbered set of handler files. Making one pushes
 nothing: it names a set of versions that a deploy or a rollback can then
-refer to. The history is every rollout ``fleet deploy`` ran, with each
-device's result, newest first.
+refer to. The history is every rollout (deploy, converge, rollback to a release), with
+each device's result, newest first.
 """
 
 from __future__ import annotations
@@ -96,10 +96,13 @@ def history_table(rollouts: List[RolloutRecord]) -> str:
     rows = []
     for r in rollouts:
         tally = ", ".join(f"{count} {status}" for status, count in sorted(Counter(r.results.values()).items()))
-        outcome = r.outcome or "interrupted: the controller stopped before the end (`fleet status` shows where it stands)"
-        rows.append([r.id, ago(r.started), r.file, short(r.version), r.release or "-",
+        outcome = r.outcome or ("running" if r.running else
+                                "interrupted: the controller stopped before the end (`fleet converge` finishes it)")
+        version = f" {short(r.version)}" if r.version else ""
+        rows.append([r.id, r.kind, ago(r.started), f"{r.file}{version}", r.release or "-",
                      f"{len(r.results)}/{r.targets}", tally or "-", outcome])
-    return grid(rows, ["rollout", "started", "file", "version", "release", "devices", "results", "outcome"])
+    return grid(rows, ["rollout", "kind", "started", "files", "release", "devices (results/targets)", "results",
+                       "outcome"])
 
 
 def show_text(release: Release) -> str:

@@ -1,8 +1,8 @@
 """The status table (``fleet status``): where each device stands, in a 120-column terminal.
 
 One row per device: its desired release, the release it reports, its state
-(``standing``), its agent, uptime, how many handler files and commands it
-has, and its last change. Everything else goes under the table, each line
+(``standing``), its agent, uptime, how many commands it offers, and its last
+change. Everything else goes under the table, each line
 naming its device: files that drift from what most devices of the same type
 run, files that differ from the desired release, why a device did not answer,
 and what its agent found by itself. ``--wide`` adds each device's address and
@@ -20,7 +20,7 @@ from .standing import CURRENT, REFUSED, Known, Standing, count, standing
 from .tables import DRIFT_MARK, LOW_DISK_SHARE, ago, duration
 from .text import grid, lines
 
-LEGEND = "files: handler files the device runs; commands: the commands it offers (the agent's own and its handlers')"
+LEGEND = "desired: release it should run; runs: release it runs; commands: how many it offers (agent's and handlers')"
 
 
 def _running(result: DeviceResult) -> Dict[str, str]:
@@ -93,44 +93,48 @@ def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
     drift = drifted(devices, statuses)
     files = sorted({file for result in statuses.values() if result.status is Status.OK
                     for file in {*_running(result), *_failed_to_load(result)}}) if wide else []
-    headers = ["device", *(["name", "address"] if wide else []), "desired", "runs", "state", "agent", "uptime",
-               "files", "commands", *files, "last change"]
+    headers = ["device", *(["name", "address"] if wide else []), "desired", "runs", "state", "agent", "up",
+               "commands", *files, "last change, age"]
     rows = []
-    notes: List[str] = []  # under the table: why a device did not answer, or what its agent reported
+    notes: List[str] = []  # under the table, each naming its device
     for device in devices:
         result, place = statuses[device.id], standings[device.id]
         reply = result.reply or {}
         where = [device.label, device.address] if wide else []
         stands = [str(place.desired_release or "-"), str(place.reported_release or "-"), place.state]
         if result.status is not Status.OK:
-            rows.append([device.id, *where, *stands, "-", "-", "-", "-", *["-" for _ in files], "-"])
+            rows.append([device.id, *where, *stands, "-", "-", "-", *["-" for _ in files], "-"])
             notes.append(f"{device.id}: {result.error}")
             continue
-        if place.files and place.state != CURRENT:
-            relation = {"ahead": "ahead of", "diverged": "diverged from"}.get(place.state, place.state)
-            notes.append(f"{device.id}: {relation} its desired release {place.desired_release}: "
-                         f"{', '.join(place.files)} differ{'s' if len(place.files) == 1 else ''}")
-        notes.extend(f"{device.id}: {finding}" for finding in _findings(reply))
-        if drift.get(device.id):
-            notes.append(f"{device.id}: {DRIFT_MARK} {', '.join(drift[device.id])} "
-                         f"drift{'s' if len(drift[device.id]) == 1 else ''} from what most "
-                         f"{device.type + ' ' if device.type else ''}devices run")
+        notes.extend(_notes(device, reply, place, drift.get(device.id, [])))
         running, failed = _running(result), _failed_to_load(result)
-        count_cell = f"{len(running | dict.fromkeys(failed))}{' ' + DRIFT_MARK if drift.get(device.id) else ''}"
         cells = ["LOAD FAILED" if f in failed else short(running.get(f)) + (f" {DRIFT_MARK}" if f in drift.get(
             device.id, ()) else "") for f in files]
         change = last_changes.get(device.id)
-        last = f"{change['action']} {change['file']} {ago(change.get('time'))}" if change else "-"
+        last = f"{change['action']} {change['file']} {ago(change.get('time'))[:-len(' ago')]}" if change else "-"
         rows.append([device.id, *where, *stands, reply.get("agent_version", "?"), duration(reply.get("uptime_seconds")),
-                     count_cell, reply.get("command_count", "-"), *cells, last])
-    text = grid(rows, headers)
+                     reply.get("command_count", "-"), *cells, last])
     summary = ", ".join(f"{n} {state}" for state, n in count(standings[d.id] for d in devices))
-    text += "\n" + lines([f"{len(devices)} device(s): {summary}", LEGEND]
-                         + [f"{DRIFT_MARK} drift: a file differs from most devices of the same type (another version, "
-                            "missing or extra), or they split evenly"] * bool(drift))
-    if notes:
-        text += "\n\n" + lines(notes)
-    return text
+    text = grid(rows, headers) + "\n" + lines(
+        [f"{len(devices)} device(s): {summary}", LEGEND]
+        + [f"{DRIFT_MARK} drift: differs from most devices of the same type (another version, missing or extra), "
+           "or they split evenly"] * bool(drift and wide))
+    return text + "\n\n" + lines(notes) if notes else text
+
+
+def _notes(device: Device, reply: Dict[str, Any], place: Standing, drift: List[str]) -> List[str]:
+    """What to say under the table about a device that answered: where it differs from its desired
+    release, what its agent found by itself, and the files that drift from its peers."""
+    notes = []
+    if place.files and place.state != CURRENT:
+        relation = {"ahead": "ahead of", "diverged": "diverged from"}.get(place.state, place.state)
+        notes.append(f"{device.id}: {relation} its desired release {place.desired_release}: "
+                     f"{', '.join(place.files)} differ{'s' if len(place.files) == 1 else ''}")
+    notes.extend(f"{device.id}: {finding}" for finding in _findings(reply))
+    if drift:
+        notes.append(f"{device.id}: {DRIFT_MARK} {', '.join(drift)} drift{'s' if len(drift) == 1 else ''} from what "
+                     f"most {device.type + ' ' if device.type else ''}devices run")
+    return notes
 
 
 def standings(devices: Sequence[Device], statuses: Dict[str, DeviceResult], desired: Mapping[str, int],

@@ -122,3 +122,40 @@ def test_a_state_file_from_the_first_schema_migrates_forward_and_keeps_its_relea
         (record,) = store.rollouts()
         assert (record.release, record.results, record.outcome, record.plan) == (1, {"d0": "OK"}, "1 OK", {"canary": 1})
         assert (record.kind, record.targets, store.desired()) == ("deploy", 2, {"d0": 1})
+
+
+def test_desired_releases_are_set_restored_and_adopted_from_an_interrupted_rollout(tmp_path):
+    with StateStore(tmp_path / "state.db") as store:
+        one, _ = store.record_release({"cam.py": CAM}, message="1", author="ann")
+        two, _ = store.record_release({"cam.py": SYS}, message="2", author="ann")
+        store.set_desired({"d0": one.number, "d1": one.number})
+        rollout = store.start_rollout(kind="deploy", file="cam.py", version="", release=two.number, plan={},
+                                      targets={"d0": two.number, "d1": two.number, "d2": two.number})
+        assert store.running(rollout)
+        store.set_desired({"d0": two.number, "d2": two.number}, rollout)  # the first wave
+        store.restore_desired(rollout, ["d0", "d2"])  # a halt with rollback: as before the rollout
+        assert store.desired() == {"d0": one.number, "d1": one.number}
+        store.set_desired({"d0": two.number}, rollout)
+        store.close()  # the controller stops without an outcome: its lock goes with it
+
+    with StateStore(tmp_path / "state.db") as store:
+        assert not store.running(rollout)
+        store.set_desired({"d1": two.number})  # set since by something else: left alone
+        adopted = store.adopt_interrupted(by="fleet converge")
+        assert adopted == {rollout: ["d2"]}  # d0 has its release already; d1's was set by something else
+        assert store.desired() == {"d0": two.number, "d1": two.number, "d2": two.number}
+        (record,) = store.rollouts()
+        assert record.outcome == "interrupted; finished by fleet converge" and not record.running
+        assert store.adopt_interrupted(by="again") == {}  # only once
+
+
+def test_a_running_rollout_is_not_adopted_by_another_controller(tmp_path):
+    with StateStore(tmp_path / "state.db") as running, StateStore(tmp_path / "state.db") as other:
+        one, _ = running.record_release({"cam.py": CAM}, message="1", author="ann")
+        rollout = running.start_rollout(kind="deploy", file="cam.py", version="", release=one.number, plan={},
+                                        targets={"d0": one.number})
+        assert other.running(rollout) and other.adopt_interrupted(by="converge") == {}
+        (record,) = other.rollouts()
+        assert record.outcome is None and record.running
+        running.finish_rollout(rollout, "1 OK")
+        assert not other.running(rollout) and not (tmp_path / "state.db.locks" / f"rollout-{rollout}").exists()
