@@ -54,6 +54,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/agent_throughput.py
 	$(BIN)/python bench/deploy_latency.py
 	$(BIN)/python bench/hostile_lan.py
+	$(BIN)/python bench/fanout.py
+	$(BIN)/python bench/converge.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -10,6 +10,7 @@ counts as failed. Every undo names the version this rollout pushed
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Set, Tuple
@@ -31,6 +32,16 @@ class Pushed:
     unsure: bool = False  # sent, but never answered: it may have landed
 
 
+@functools.lru_cache(maxsize=32)
+def push_body(file: HandlerFile, release: Optional[int], dry_run: bool, probation: bool, force: bool) -> bytes:
+    """A push, encoded once for the whole fleet (the code is the bulk of it), and for the next rollouts of
+    the same file: a watch converging devices in small batches encodes each version once."""
+    return encode_shared_request({
+        "command": "update_handler", "filename": file.name, "code": file.code, "sha256": file.sha256,
+        "dry_run": dry_run, "probation": probation, **({"force": True} if force else {}),
+        **({"release": release} if release else {})})
+
+
 class Applier:
     """Pushes and undoes for every device of one rollout; ``pushed`` is what it changed, per device."""
 
@@ -41,7 +52,6 @@ class Applier:
         self.checkable: Set[str] = set()  # agents that honour if_version/to_version (older ones ignore them)
         # An undo may queue on the device behind a push still running there, so it waits at least as long.
         self.undo_timeout = max(plan.timeout or 0.0, fleet.request_timeout)
-        self._bodies: Dict[Tuple[str, str, Optional[int]], bytes] = {}
         self._list_body = encode_shared_request({"command": "list_commands"})
         self._verify_body = encode_shared_request({**plan.verify_args, "command": plan.verify}) if plan.verify else b""
 
@@ -49,15 +59,8 @@ class Applier:
         return [p for p in self.pushed.get(device_id, ()) if p.unsure]
 
     def _body(self, file: HandlerFile, release: Optional[int]) -> bytes:
-        """Encoded once for the whole fleet: the code is the bulk of every push."""
-        key = (file.name, file.sha256, release)
-        if key not in self._bodies:
-            plan = self.plan
-            self._bodies[key] = encode_shared_request({
-                "command": "update_handler", "filename": file.name, "code": file.code, "sha256": file.sha256,
-                "dry_run": plan.dry_run, "probation": plan.probation, **({"force": True} if plan.force else {}),
-                **({"release": release} if release else {})})
-        return self._bodies[key]
+        plan = self.plan
+        return push_body(file, release, plan.dry_run, plan.probation, plan.force)
 
     async def _attempt(self, device_id: str, body: bytes, command: str, timeout: Optional[float]) -> DeviceResult:
         return await attempt(self.fleet.send_encoded(device_id, body, command, timeout=timeout), device_id,

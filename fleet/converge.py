@@ -56,9 +56,11 @@ def fileset_of(store: StateStore, number: int) -> FileSet:
     return FileSet.from_release(number, store.release(number).files, store.content)
 
 
-def desired_targets(store: StateStore, ids: Iterable[str]) -> Dict[str, FileSet]:
-    """Each device's desired release, for the devices that have one."""
-    cache: Dict[int, FileSet] = {}
+def desired_targets(store: StateStore, ids: Iterable[str],
+                    cache: Optional[Dict[int, FileSet]] = None) -> Dict[str, FileSet]:
+    """Each device's desired release, for the devices that have one. ``cache`` keeps the releases read
+    (they never change) for the next call: a watch reads each release once, not once per device."""
+    cache = {} if cache is None else cache
     targets = {}
     for device_id, number in store.desired(ids).items():
         if number not in cache:

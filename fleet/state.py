@@ -39,6 +39,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 from .errors import ConfigError
 
 DEFAULT_STATE = Path(".pifleet") / "state.db"  # beside the inventory
+_FEW = 200  # devices looked up by name; more than this, and the whole table is read at once (SQLite's
+            # limit on the number of ? in one statement is 999 on older versions)
 STATE_ENV = "PIFLEET_STATE"
 
 # Numbered migrations: the database at version N has run the first N. Append, never edit.
@@ -192,8 +194,15 @@ class StateStore:
 
     def desired(self, devices: Optional[Iterable[str]] = None) -> Dict[str, int]:
         """``{device: the release it should run}`` for ``devices`` (default: every device that has one)."""
-        rows = dict(self._db.execute("SELECT device, release FROM desired").fetchall())
-        return rows if devices is None else {d: rows[d] for d in devices if d in rows}
+        if devices is None:
+            return dict(self._db.execute("SELECT device, release FROM desired").fetchall())
+        wanted = list(devices)
+        if len(wanted) > _FEW:  # most of the fleet: one pass over the table
+            rows = dict(self._db.execute("SELECT device, release FROM desired").fetchall())
+            return {d: rows[d] for d in wanted if d in rows}
+        marks = ",".join("?" * len(wanted))
+        rows = dict(self._db.execute(f"SELECT device, release FROM desired WHERE device IN ({marks})", wanted).fetchall())
+        return {d: rows[d] for d in wanted if d in rows}
 
     def set_desired(self, releases: Mapping[str, Optional[int]], rollout: Optional[int] = None) -> None:
         """Set each device's desired release (None: it has none) in one transaction."""

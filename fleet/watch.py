@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from typing import Dict, List, Set
+from typing import Dict, List, Optional, Set
 
 from .cli_common import EXIT_OK, say
 from .converge import desired_targets, run_recorded
-from .fleet import Fleet
+from .fileset import FileSet
+from .fleet import Fleet, ResultCallback
 from .results import DeviceResult, Status
 from .rollout import RolloutPlan
 from .state import StateStore
@@ -31,8 +32,11 @@ POLL = 0.5  # seconds between looks at the store for desired releases set by ano
 
 
 class Watch:
+    """``await Watch(...).run()`` until ``stop()`` (or SIGTERM); ``on_result`` gets each device's result
+    (default: a line on stderr for each one that was not already on its release)."""
+
     def __init__(self, fleet: Fleet, store: StateStore, ids: List[str], plan: RolloutPlan, *,
-                 retry_every: float = 1.0) -> None:
+                 retry_every: float = 1.0, on_result: Optional[ResultCallback] = None) -> None:
         if retry_every <= 0:
             from .errors import ConfigError
 
@@ -44,6 +48,9 @@ class Watch:
         self.stopping = False
         self.desired: Dict[str, int] = {}
         self.seen = -1
+        self.on_result = on_result or self._line
+        self.ready = asyncio.Event()  # set once the devices online at the start are converged
+        self.releases: Dict[int, FileSet] = {}  # read once each: releases never change
 
     def stop(self) -> None:
         if not self.stopping:
@@ -70,6 +77,7 @@ class Watch:
             online = sum(self.fleet.connected(d) for d in self.ids)
             say(f"watching {len(self.ids)} device(s), {len(self.desired)} with a desired release, {online} online; "
                 "SIGTERM or Ctrl-C stops")
+            self.ready.set()
             while not self.stopping:
                 try:
                     await asyncio.wait_for(self.wake.wait(), POLL)
@@ -101,8 +109,8 @@ class Watch:
         self.pending.clear()
         if not batch:
             return
-        await run_recorded(self.fleet, self.store, "converge", desired_targets(self.store, batch), self.plan,
-                           self._line, record_idle=False)
+        targets = desired_targets(self.store, batch, self.releases)
+        await run_recorded(self.fleet, self.store, "converge", targets, self.plan, self.on_result, record_idle=False)
 
     @staticmethod
     def _line(result: DeviceResult) -> None:
