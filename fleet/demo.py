@@ -7,16 +7,18 @@ What it does, and says it does:
    device that is offline on purpose;
 2. one agent carries a leftover module that already offers ``camera_status``,
    so that device refuses the push (a clash the agent names);
-3. rolls ``handlers/camera_handlers.py`` out with a canary, batches and a
-   verify command, printing a line per device as results arrive, then the
-   table;
+3. rolls ``handlers/camera_handlers.py`` out as release 1 (a state file in
+   the same folder) with a canary, batches and a verify command, printing a
+   line per device as results arrive, then the table;
 4. runs the new commands across the fleet (with a stand-in recorder, because
-   this machine has no camera), then repeats the rollout to show that
-   up-to-date devices are skipped, and prints the status table;
-5. stops every agent and removes the folder.
+   this machine has no camera);
+5. brings the offline device up and runs ``fleet converge``: it gets the
+   release it missed, devices already on it are skipped, and the one with
+   the clash refuses again; then prints the status table;
+6. stops every agent and removes the folder.
 
 With ``--json`` the narration goes to stderr, and stdout carries one document
-with every result: the rollout, each command's replies, the repeat and the
+with every result: the rollout, each command's replies, the converge and the
 status.
 """
 
@@ -31,12 +33,15 @@ from pathlib import Path
 from typing import Any, Dict, List, TextIO, Tuple
 
 from . import status_view, tables
+from .converge import converge, deploy_targets, run_recorded
 from .errors import ConfigError
+from .fileset import read_handlers
 from .fleet import Fleet
 from .inventory import load_inventory
 from .local import LocalAgents, free_port, install_stand_in_recorder
-from .results import DeviceResult, Status, short
-from .rollout import RolloutPlan, deploy
+from .results import DeviceResult, Status
+from .rollout import RolloutPlan
+from .state import StateStore
 
 HANDLER = Path(__file__).resolve().parent.parent / "handlers" / "camera_handlers.py"
 NAMES = ["raspi_main", "raspi_finish", "raspi_pit", "raspi_paddock", "raspi_grandstand", "raspi_tunnel"]
@@ -74,7 +79,8 @@ async def run_demo(agents: int = 4, as_json: bool = False) -> int:
             base = Path(tmp)
             with LocalAgents(base) as local:
                 inventory_path = await asyncio.to_thread(_start_agents, local, base, agents)
-                code, document = await _rollout(inventory_path)
+                with StateStore(base / ".pifleet" / "state.db") as store:
+                    code, document = await _rollout(inventory_path, store, local, base)
     finally:
         _narration = sys.stdout
     if as_json:
@@ -95,9 +101,7 @@ def _start_agents(local: LocalAgents, base: Path, count: int) -> Path:
         if device_id == BROKEN:
             (root / "handlers").mkdir(parents=True, exist_ok=True)
             (root / "handlers" / "old_camera.py").write_text(LEFTOVER_MODULE)
-        env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-               "PI_AGENT_RECORDINGS": str(root / "recordings")}
-        agent = local.start(device_id, env=env)
+        agent = local.start(device_id, env=_camera_env(base, device_id))
         note = " (has a leftover old_camera.py that offers camera_status)" if device_id == BROKEN else ""
         say(f"  {device_id:<16} pi-agent pid {agent.process.pid} on {agent.device.address}{note}")
         entries.append({"id": device_id, "name": device_id.replace("raspi_", "").title() + " camera",
@@ -110,6 +114,12 @@ def _start_agents(local: LocalAgents, base: Path, count: int) -> Path:
     path.write_text(json.dumps({"defaults": {"timeout": 30}, "raspberryPiDevices": entries}, indent=2))
     say(f"Inventory written to {path}")
     return path
+
+
+def _camera_env(base: Path, device_id: str) -> Dict[str, str]:
+    """The stand-in recorder on PATH, and the device's own recordings folder."""
+    return {"PATH": f"{base / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PI_AGENT_RECORDINGS": str(base / device_id / "recordings")}
 
 
 async def _wait_for_footage(fleet: Fleet, ids: List[str]) -> Dict[str, DeviceResult]:
@@ -132,21 +142,25 @@ def _progress(total: int):
     return report
 
 
-async def _rollout(inventory_path: Path) -> Tuple[int, Dict[str, Any]]:
+async def _rollout(inventory_path: Path, store: StateStore, local: LocalAgents,
+                   base: Path) -> Tuple[int, Dict[str, Any]]:
     inventory = load_inventory(inventory_path)
     ids = [d.id for d in inventory.devices]
     plan = RolloutPlan(canary=1, batch=2, max_failures=1, verify="camera_status")
     async with Fleet.from_inventory(inventory) as fleet:
         heading(f"fleet deploy {HANDLER.relative_to(HANDLER.parent.parent)} --canary 1 --batch 2 "
                 "--max-failures 1 --verify camera_status")
-        report = await deploy(fleet, HANDLER, ids, plan, on_result=_progress(len(ids)))
+        say(f"(the controller's state file: {store.path})")
+        targets = deploy_targets(store, ids, read_handlers([HANDLER]), message="demo", author="fleet demo")
+        report = await run_recorded(fleet, store, "deploy", targets, plan, on_result=_progress(len(ids)))
         say()
         say(tables.rollout_table(list(report.results.values())))
-        say(f"{report.filename} version {short(report.version)}: {report.tally()}"
+        say(f"{report.filename} (release {report.releases[0]}): {report.tally()}"
             + (f"; HALTED: {report.halt_reason}" if report.halted else ""))
         broken = report.results.get(BROKEN)
         if broken is not None and broken.status is Status.FAILED:
             say(f"{BROKEN} refused the push and kept running its old code: {broken.error}")
+        say(f"{OFFLINE} was offline: release {report.releases[0]} is now its desired release, for when it returns.")
 
         live = [d for d, r in report.results.items() if r.status is Status.OK]
         heading(f"fleet send all start_recording duration=30 filename=demo.h264 (the {len(live)} updated devices)")
@@ -163,25 +177,33 @@ async def _rollout(inventory_path: Path) -> Tuple[int, Dict[str, Any]]:
             f"{r.get('message')} with {r.get('stopped_with')}: {Path(r.get('last_file') or '-').name}, "
             f"{r.get('size_bytes')} bytes")))
 
-        heading("The same rollout again: devices already on this version are skipped")
-        again = await deploy(fleet, HANDLER, ids, plan)
-        say(again.tally())
+        heading(f"{OFFLINE} comes back online; fleet converge")
+        await asyncio.to_thread(local.start, OFFLINE, env=_camera_env(base, OFFLINE),
+                                extra=["--port", str(inventory.get(OFFLINE).port)])
+        caught_up = await converge(fleet, store, ids, plan, on_result=_progress(len(ids)))
+        again = caught_up.rollout
+        assert again is not None  # every device has a desired release since the deploy
+        say()
+        say(tables.rollout_table(list(again.results.values())))
+        say(f"{again.tally()}: {OFFLINE} caught up; the devices already on the release were not pushed to")
 
         heading("fleet status")
         statuses, last = await fleet.status(ids)
-        places = status_view.standings(inventory.devices, statuses, {}, {}, {})  # the demo keeps no state file
+        known, releases = store.release_index()
+        places = status_view.standings(inventory.devices, statuses, store.desired(ids), known, releases)
         say(status_view.status_table(inventory.devices, statuses, last, places, wide=True))
     document = {
         "rollout": report.as_dict(),
         "start_recording": [started[d].as_dict() for d in live],
         "camera_status": [status[d].as_dict() for d in live],
         "stop_recording": [stopped[d].as_dict() for d in live],
-        "rollout_again": again.as_dict(),
+        "converge": again.as_dict(),
         "status": status_view.status_document(inventory.devices, statuses, last, places),
     }
     heading("Stopping the agents and removing the demo folder")
     say("Next: run agents on your Pis (README: 'Installing the agent on a Pi'), list them in devices.json,\n"
-        "and run `fleet status` and `fleet deploy`.")
+        "and run `fleet status`, `fleet deploy` and `fleet converge --watch`.")
     expected = (report.results[ids[0]].status is Status.OK and report.results[OFFLINE].status is Status.UNREACHABLE
-                and all(r.status is Status.OK for r in started.values()))
+                and all(r.status is Status.OK for r in started.values())
+                and again.results[OFFLINE].status is Status.OK)
     return (0 if expected else 1), document

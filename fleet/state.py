@@ -293,7 +293,7 @@ class StateStore:
     def _claim(self, rollout: int) -> None:
         path = self._lock_path(rollout)
         path.parent.mkdir(exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)  # others only need to test it
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._claims[rollout] = fd
 
@@ -308,7 +308,7 @@ class StateStore:
         if rollout in self._claims:
             return True
         try:
-            fd = os.open(self._lock_path(rollout), os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(self._lock_path(rollout), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
         try:

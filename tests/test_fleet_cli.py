@@ -207,7 +207,8 @@ def test_demo_runs_end_to_end():
     assert run.returncode == 0, run.stderr
     out = run.stdout
     assert "UNREACHABLE" in out and "offered by both old_camera.py and camera_handlers.py" in out
-    assert "Recording stopped with SIGINT" in out and "3 SKIPPED" in out
+    assert "Recording stopped with SIGINT" in out and "1 FAILED, 1 OK, 3 SKIPPED: raspi_offline caught up" in out
+    assert "5 device(s): 4 current, 1 behind" in out
     assert "raspi_pit: * camera_handlers.py, old_camera.py drift from what most camera devices run" in out
 
 
@@ -217,7 +218,7 @@ def test_demo_json_is_one_document_on_stdout_and_the_story_on_stderr():
     assert run.returncode == 0, run.stderr
     document = json.loads(run.stdout)
     assert document["rollout"]["counts"] == {"OK": 3, "FAILED": 1, "UNREACHABLE": 1}
-    assert document["rollout_again"]["counts"] == {"SKIPPED": 3, "FAILED": 1, "UNREACHABLE": 1}
+    assert document["converge"]["counts"] == {"SKIPPED": 3, "FAILED": 1, "OK": 1}  # the offline one caught up
     assert [r["status"] for r in document["stop_recording"]] == ["OK"] * 3
     drift = {d["device"]: d["drift"] for d in document["status"]["devices"]}
     assert drift["raspi_pit"] == ["camera_handlers.py", "old_camera.py"] and drift["raspi_main"] == []
