@@ -15,6 +15,9 @@ from .results import DeviceResult, Status, short
 from .text import grid, lines, visible
 
 DRIFT_MARK = "*"
+TABLE_WIDTH = 120  # the terminal every table is made to fit
+MIN_DETAIL = 24  # the narrowest a rollout table's detail column gets
+ROLLOUT_LEGEND = "commands: what the pushed files offer (fleet status counts all the device offers)"
 # Limits
 LOW_DISK_SHARE = 0.10  # below this share of free space a device's storage is called out under the status table
 
@@ -41,19 +44,29 @@ def ago(timestamp: Optional[float], now: Optional[float] = None) -> str:
     return duration((now or time.time()) - timestamp) + " ago"
 
 
-def rollout_table(results: Sequence[DeviceResult]) -> str:
-    """The per-device table, then what needs a look even where the push went through (``rollout_notes``)."""
-    rows = []
+def rollout_table(results: Sequence[DeviceResult], width: int = TABLE_WIDTH) -> str:
+    """The per-device table, then what needs a look even where the push went through (``rollout_notes``).
+
+    The table fits ``width`` columns: a detail too long for its column is cut
+    short there and given whole under the table, naming its device.
+    """
+    rows, details = [], []
     for r in results:
         error = r.error
         if error and r.validation_errors and r.status is Status.FAILED:
             error = f"{error} ({len(r.validation_errors)} validation error(s))"
-        detail = _detail(error, r.note, _cautions(r))
+        details.append(_detail(error, r.note, _cautions(r)))
         rows.append([r.device_id, r.status.value, change_cell(r), len(r.commands) if r.commands else "-",
-                     f"{r.seconds:.2f}s", detail or ""])
-    text = grid(rows, ["device", "outcome", "change", "commands (pushed files)", "time", "detail"])
+                     f"{r.seconds:.2f}s"])
+    headers = ["device", "outcome", "change", "commands", "time"]
+    room = max(MIN_DETAIL, width - max(len(line) for line in grid(rows, headers).splitlines()) - 2)
+    cut = [(r.device_id, text) for r, text in zip(results, details) if len(visible(text)) > room]
+    cells = [text if len(visible(text)) <= room else visible(text)[:room - 1] + "…" for text in details]
+    text = grid([row + [cell] for row, cell in zip(rows, cells)], headers + ["detail"])
+    text += "\n" + ROLLOUT_LEGEND
+    sections = [lines(f"{device}: {detail}" for device, detail in cut)] if cut else []
     notes = rollout_notes(results)
-    return f"{text}\n\n{notes}" if notes else text
+    return "\n\n".join([text, *sections, *([notes] if notes else [])])
 
 
 def rollout_notes(results: Sequence[DeviceResult]) -> str:
