@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO, sha
 from fleet.cli import main
 from fleet.local import free_port
+from fleet.state import StateStore
 
 V1 = "VERSION = 1\n\ndef handle_version(data):\n    return {'version': VERSION}\n"
 V2 = V1.replace("VERSION = 1", "VERSION = 2")
@@ -99,11 +100,18 @@ def test_converge_watch_brings_a_device_up_when_it_comes_back_and_stops_on_sigte
         line = printed.until(" late ")
         assert re.search(rf"late\s+OK\s+- -> {sha(V2)[:8]}\s+deployed", line), line
         assert running(devices, capsys)["late"] == {"version": 2}
+        # Another controller sets d0's desired release without pushing (its rollout was stopped, say):
+        # the watch sees the store change and converges d0 by itself.
+        _, made = fleet_json(devices, "release", "create", handler(tmp_path, V3), "-m", "three", capsys=capsys)
+        with StateStore(tmp_path / ".pifleet" / "state.db") as store:
+            store.set_desired({"d0": made["release"]["number"]})
+        line = printed.until(" d0 ")
+        assert re.search(rf"d0\s+OK\s+{sha(V2)[:8]} -> {sha(V3)[:8]}\s+deployed", line), line
     finally:
         watch.send_signal(signal.SIGTERM)
         err = printed.rest()
     assert watch.returncode == 0 and "fleet: stopped" in err and "Traceback" not in err
-    assert pushes(agents, "d0") == [sha(V2)]  # d0 was current all along: the watch left it alone
+    assert pushes(agents, "d0") == [sha(V2), sha(V3)]  # d0 was current until its desired release changed
 
 
 class StderrLines:
