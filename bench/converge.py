@@ -66,7 +66,7 @@ def free_ports(count: int) -> List[int]:
 async def run(args: argparse.Namespace, base: Path, early_ports: List[int]) -> Dict[str, float]:
     late_ports = free_ports(args.late)
     devices = [Device(id=f"dev{i:04d}", host="127.0.0.1", port=port) for i, port in enumerate(early_ports + late_ports)]
-    late_ids = {d.id: d.port for d in devices[len(early_ports):]}
+    late_ids = [d.id for d in devices[len(early_ports):]]
     plan = RolloutPlan(probation=False)  # the CLI's defaults otherwise: canary 1, batches of 25%
     with StateStore(base / "state.db") as store:
         async with Fleet(devices, connect_timeout=10, request_timeout=120) as fleet:
@@ -78,62 +78,88 @@ async def run(args: argparse.Namespace, base: Path, early_ports: List[int]) -> D
             assert report.counts() == {"OK": len(early_ports), "UNREACHABLE": args.late}, report.counts()
         print(f"deployed release {report.releases} to {len(early_ports)} agents in {deploy_wall:.1f}s; "
               f"{args.late} offline", file=sys.stderr, flush=True)
-
-        current: Dict[str, float] = {}
-        connected: Dict[str, float] = {}  # when the watch's connection to each late agent opened
-        everyone = asyncio.Event()
-
-        class TimedWatch(Watch):
-            def _online(self, device_id: str) -> None:
-                connected.setdefault(device_id, time.time())
-                super()._online(device_id)
-
-        def on_result(result: DeviceResult) -> None:
-            if result.device_id in late_ids and result.status is Status.OK:
-                current[result.device_id] = time.time()
-                if len(current) == args.late:
-                    everyone.set()
-            elif result.status is not Status.SKIPPED:
-                print(f"unexpected: {result.device_id} {result.status}: {result.error}", file=sys.stderr, flush=True)
-
+        timed = Timings(late_ids)
         async with Fleet(devices, connect_timeout=10, request_timeout=120) as fleet:
-            watch = TimedWatch(fleet, store, [d.id for d in devices], plan, retry_every=args.retry_every,
-                          on_result=on_result)
+            watch = timed.watch(fleet, store, [d.id for d in devices], plan, retry_every=args.retry_every)
             watching = asyncio.ensure_future(watch.run())
-            await watch.ready.wait()
-            # The baseline: what the watch costs while nothing comes back (keep-alive, retries of the offline).
-            rates = []
-            for _ in range(2):  # the first window may still hold the connections' settling; the lower is kept
-                idle_wall, idle_cpu = time.perf_counter(), time.process_time()
-                await asyncio.sleep(IDLE)
-                rates.append((time.process_time() - idle_cpu) / (time.perf_counter() - idle_wall))
-            idle_rate = min(rates)
-            wall, cpu = time.perf_counter(), time.process_time()
-            late_host = subprocess.Popen(
-                [sys.executable, str(REPO / "bench" / "agent_host.py"), "--count", str(args.late),
-                 "--base", str(base / "late"), "--ports", ",".join(map(str, late_ports))],
-                cwd=REPO, stdout=subprocess.PIPE, text=True)
             try:
-                await asyncio.wait_for(everyone.wait(), 600)
-                converge_cpu = time.process_time() - cpu
-                converge_wall = time.perf_counter() - wall
-                assert late_host.stdout is not None
-                listening = json.loads(late_host.stdout.readline())["listening_at"]
+                await watch.ready.wait()
+                idle_rate = await idle_cpu_rate()
+                await timed.late_agents_start(base, late_ports)
             finally:
                 watch.stop()
                 await watching
-                late_host.terminate()
-                late_host.wait(timeout=60)
-    answered = {device_id: listening[i] for i, device_id in enumerate(late_ids)}
-    delays = sorted(current[d] - answered[d] for d in late_ids)
-    waits = sorted(connected[d] - answered[d] for d in late_ids)
-    work = sorted(current[d] - connected[d] for d in late_ids)
-    return {"median": statistics.median(delays), "p95": delays[int(0.95 * (len(delays) - 1))], "max": delays[-1],
-            "wait_median": statistics.median(waits), "work_median": statistics.median(work),
-            "work_p95": work[int(0.95 * (len(work) - 1))],
-            "converge_cpu_per_device": converge_cpu / args.late, "deploy_cpu_per_device": deploy_cpu / len(early_ports),
-            "idle_cpu_per_device": idle_rate * converge_wall / args.late,
-            "deploy_wall": deploy_wall}
+    return {**timed.figures(), "deploy_cpu_per_device": deploy_cpu / len(early_ports), "deploy_wall": deploy_wall,
+            "idle_cpu_per_device": idle_rate * timed.wall / args.late}
+
+
+async def idle_cpu_rate() -> float:
+    """The baseline: CPU seconds per second the watch costs with nothing coming back (its keep-alive, and
+    its retries of the offline devices). Two windows: the first may still hold the connections' settling."""
+    rates = []
+    for _ in range(2):
+        wall, cpu = time.perf_counter(), time.process_time()
+        await asyncio.sleep(IDLE)
+        rates.append((time.process_time() - cpu) / (time.perf_counter() - wall))
+    return min(rates)
+
+
+class Timings:
+    """When each late agent began to listen, when the watch connected to it, and when it was on its release."""
+
+    def __init__(self, late_ids: List[str]) -> None:
+        self.late_ids = late_ids
+        self.connected: Dict[str, float] = {}
+        self.current: Dict[str, float] = {}
+        self.listening: Dict[str, float] = {}
+        self.everyone = asyncio.Event()
+        self.cpu = self.wall = 0.0
+
+    def watch(self, fleet: Fleet, store: StateStore, ids: List[str], plan: RolloutPlan, retry_every: float) -> Watch:
+        timings = self
+
+        class TimedWatch(Watch):
+            def _online(self, device_id: str) -> None:
+                timings.connected.setdefault(device_id, time.time())
+                super()._online(device_id)
+
+        return TimedWatch(fleet, store, ids, plan, retry_every=retry_every, on_result=self._result)
+
+    def _result(self, result: DeviceResult) -> None:
+        if result.device_id in self.late_ids and result.status is Status.OK:
+            self.current[result.device_id] = time.time()
+            if len(self.current) == len(self.late_ids):
+                self.everyone.set()
+        elif result.status is not Status.SKIPPED:
+            print(f"unexpected: {result.device_id} {result.status}: {result.error}", file=sys.stderr, flush=True)
+
+    async def late_agents_start(self, base: Path, ports: List[int]) -> None:
+        """Start the late agents (one host process, one after the other) and wait until all are current."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        host = subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "agent_host.py"), "--count", str(len(ports)),
+             "--base", str(base / "late"), "--ports", ",".join(map(str, ports))],
+            cwd=REPO, stdout=subprocess.PIPE, text=True)
+        try:
+            await asyncio.wait_for(self.everyone.wait(), 600)
+            self.cpu, self.wall = time.process_time() - cpu, time.perf_counter() - wall
+            assert host.stdout is not None
+            self.listening = dict(zip(self.late_ids, json.loads(host.stdout.readline())["listening_at"]))
+        finally:
+            host.terminate()
+            host.wait(timeout=60)
+
+    def figures(self) -> Dict[str, float]:
+        delays = sorted(self.current[d] - self.listening[d] for d in self.late_ids)
+        waits = sorted(self.connected[d] - self.listening[d] for d in self.late_ids)
+        work = sorted(self.current[d] - self.connected[d] for d in self.late_ids)
+        return {"median": statistics.median(delays), "p95": _p95(delays), "max": delays[-1],
+                "wait_median": statistics.median(waits), "work_median": statistics.median(work), "work_p95": _p95(work),
+                "converge_cpu_per_device": self.cpu / len(self.late_ids)}
+
+
+def _p95(ordered: List[float]) -> float:
+    return ordered[int(0.95 * (len(ordered) - 1))]
 
 
 def main() -> int:

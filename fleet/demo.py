@@ -40,7 +40,7 @@ from .fleet import Fleet
 from .inventory import load_inventory
 from .local import LocalAgents, free_port, install_stand_in_recorder
 from .results import DeviceResult, Status
-from .rollout import RolloutPlan
+from .rollout import RolloutPlan, RolloutReport
 from .state import StateStore
 
 HANDLER = Path(__file__).resolve().parent.parent / "handlers" / "camera_handlers.py"
@@ -132,6 +132,19 @@ async def _wait_for_footage(fleet: Fleet, ids: List[str]) -> Dict[str, DeviceRes
     return status
 
 
+async def _catch_up(fleet: Fleet, store: StateStore, local: LocalAgents, base: Path, port: int, ids: List[str],
+                    plan: RolloutPlan) -> RolloutReport:
+    """The offline device starts, and ``fleet converge`` brings it to the release it missed."""
+    heading(f"{OFFLINE} comes back online; fleet converge")
+    await asyncio.to_thread(local.start, OFFLINE, env=_camera_env(base, OFFLINE), extra=["--port", str(port)])
+    caught_up = await converge(fleet, store, ids, plan, on_result=_progress(len(ids)))
+    assert caught_up.rollout is not None  # every device has a desired release since the deploy
+    say()
+    say(tables.rollout_table(list(caught_up.rollout.results.values())))
+    say(f"{caught_up.rollout.tally()}: {OFFLINE} caught up; the devices already on the release were not pushed to")
+    return caught_up.rollout
+
+
 def _progress(total: int):
     done = [0]
 
@@ -177,15 +190,7 @@ async def _rollout(inventory_path: Path, store: StateStore, local: LocalAgents,
             f"{r.get('message')} with {r.get('stopped_with')}: {Path(r.get('last_file') or '-').name}, "
             f"{r.get('size_bytes')} bytes")))
 
-        heading(f"{OFFLINE} comes back online; fleet converge")
-        await asyncio.to_thread(local.start, OFFLINE, env=_camera_env(base, OFFLINE),
-                                extra=["--port", str(inventory.get(OFFLINE).port)])
-        caught_up = await converge(fleet, store, ids, plan, on_result=_progress(len(ids)))
-        again = caught_up.rollout
-        assert again is not None  # every device has a desired release since the deploy
-        say()
-        say(tables.rollout_table(list(again.results.values())))
-        say(f"{again.tally()}: {OFFLINE} caught up; the devices already on the release were not pushed to")
+        again = await _catch_up(fleet, store, local, base, inventory.get(OFFLINE).port, ids, plan)
 
         heading("fleet status")
         statuses, last = await fleet.status(ids)
