@@ -12,7 +12,7 @@ and this process's CPU (the controller's) per converged device, beside two
 baselines measured in this run: the same watch with nothing to do (its cost of
 retrying offline devices), and the deploy's CPU per device.
 
-    python bench/converge.py [--early 900] [--late 100] [--hosts 3] [--retry-every 1]
+    python bench/converge.py [--early 900] [--late 100] [--hosts 3] [--late-hosts 1] [--retry-every 1]
 
 Targets: median under 1 s after the agent answers; controller CPU under 1 ms
 per converged device. The watch tries an offline device again every
@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -85,7 +85,7 @@ async def run(args: argparse.Namespace, base: Path, early_ports: List[int]) -> D
             try:
                 await watch.ready.wait()
                 idle_rate = await idle_cpu_rate()
-                await timed.late_agents_start(base, late_ports)
+                await timed.late_agents_start(base, late_ports, args.late_hosts)
             finally:
                 watch.stop()
                 await watching
@@ -109,6 +109,7 @@ class Timings:
 
     def __init__(self, late_ids: List[str]) -> None:
         self.late_ids = late_ids
+        self.busy = 0.0  # the share of the machine's CPU time in use while the late agents came up
         self.connected: Dict[str, float] = {}
         self.current: Dict[str, float] = {}
         self.listening: Dict[str, float] = {}
@@ -133,21 +134,31 @@ class Timings:
         elif result.status is not Status.SKIPPED:
             print(f"unexpected: {result.device_id} {result.status}: {result.error}", file=sys.stderr, flush=True)
 
-    async def late_agents_start(self, base: Path, ports: List[int]) -> None:
-        """Start the late agents (one host process, one after the other) and wait until all are current."""
+    async def late_agents_start(self, base: Path, ports: List[int], hosts: int) -> None:
+        """Start the late agents (``hosts`` processes, each starting its share one after the other) and wait
+        until all are current."""
         wall, cpu = time.perf_counter(), time.process_time()
-        host = subprocess.Popen(
-            [sys.executable, str(REPO / "bench" / "agent_host.py"), "--count", str(len(ports)),
-             "--base", str(base / "late"), "--ports", ",".join(map(str, ports))],
-            cwd=REPO, stdout=subprocess.PIPE, text=True)
+        busy_before = cpu_ticks()
+        share = -(-len(ports) // hosts)
+        slices = [ports[i:i + share] for i in range(0, len(ports), share)]
+        procs = [subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "agent_host.py"), "--count", str(len(part)),
+             "--base", str(base / f"late{h}"), "--ports", ",".join(map(str, part))],
+            cwd=REPO, stdout=subprocess.PIPE, text=True) for h, part in enumerate(slices)]
         try:
             await asyncio.wait_for(self.everyone.wait(), 600)
             self.cpu, self.wall = time.process_time() - cpu, time.perf_counter() - wall
-            assert host.stdout is not None
-            self.listening = dict(zip(self.late_ids, json.loads(host.stdout.readline())["listening_at"]))
+            self.busy = machine_busy(busy_before)
+            listening: List[float] = []
+            for proc in procs:
+                assert proc.stdout is not None
+                listening += json.loads(proc.stdout.readline())["listening_at"]
+            self.listening = dict(zip(self.late_ids, listening))
         finally:
-            host.terminate()
-            host.wait(timeout=60)
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(timeout=60)
 
     def figures(self) -> Dict[str, float]:
         delays = sorted(self.current[d] - self.listening[d] for d in self.late_ids)
@@ -155,7 +166,20 @@ class Timings:
         work = sorted(self.current[d] - self.connected[d] for d in self.late_ids)
         return {"median": statistics.median(delays), "p95": _p95(delays), "max": delays[-1],
                 "wait_median": statistics.median(waits), "work_median": statistics.median(work), "work_p95": _p95(work),
-                "converge_cpu_per_device": self.cpu / len(self.late_ids)}
+                "converge_cpu_per_device": self.cpu / len(self.late_ids),
+                "busy": self.busy}
+
+
+def cpu_ticks() -> Tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far, from /proc/stat (every process, children too)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def machine_busy(before: Tuple[int, int]) -> float:
+    busy, total = cpu_ticks()
+    return (busy - before[0]) / max(1, total - before[1])
 
 
 def _p95(ordered: List[float]) -> float:
@@ -167,6 +191,9 @@ def main() -> int:
     parser.add_argument("--early", type=int, default=900, help="agents online from the start (default 900)")
     parser.add_argument("--late", type=int, default=100, help="agents that start after the deploy (default 100)")
     parser.add_argument("--hosts", type=int, default=3, help="host processes for the early agents (default 3)")
+    parser.add_argument("--late-hosts", type=int, default=1,
+                        help="host processes for the late agents (default 1; each host's agents share one "
+                             "import-test helper)")
     parser.add_argument("--retry-every", type=float, default=1.0, help="the watch's retry period (default 1 s)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pifleet-converge-") as tmp:
@@ -191,14 +218,17 @@ def main() -> int:
           f"{args.retry_every:g} s +-50% it averages about {args.retry_every * 0.54 * 1000:.0f} ms) + converging once "
           f"connected (median {figures['work_median'] * 1000:.0f} ms, p95 {figures['work_p95'] * 1000:.0f} ms: "
           "get_status, the push with its import test in the box, the command check)")
+    print(f"while the late agents came up, the agents and the controller kept this machine's {os.cpu_count()} CPUs "
+          f"{figures['busy'] * 100:.0f}% busy")
     print(f"controller CPU per converged device: {figures['converge_cpu_per_device'] * 1000:.2f} ms, of which "
           f"{figures['idle_cpu_per_device'] * 1000:.2f} ms is what watching costs over the same time with nothing "
           f"to do (baselines in this run: idle watch, and the deploy: "
           f"{figures['deploy_cpu_per_device'] * 1000:.2f} ms per device)")
     work_cpu = figures["converge_cpu_per_device"] - figures["idle_cpu_per_device"]
     print(f"target median under 1 s: {'met' if figures['median'] < 1.0 else 'MISSED'} (bound here: the retry wait, "
-          "plus the late agents' import tests, which run one at a time in their host's one shared helper, on CPUs "
-          f"shared with {total} agents; on a fleet each Pi runs its own)")
+          "plus the late agents' start-up box probes and import tests, which run one at a time through their "
+          f"host's single shared helper ({args.late_hosts} host(s)), on CPUs shared with {total} agents; on a "
+          "fleet each Pi has its own helper and CPU)")
     print(f"target controller CPU under 1 ms per device: {'met' if figures['converge_cpu_per_device'] < 0.001 else 'MISSED'}"
           f" in all; the converging itself, above what watching costs anyway: {work_cpu * 1000:.2f} ms "
           f"({'met' if work_cpu < 0.001 else 'MISSED'})")
