@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from . import __version__
+from .contract import LISTENING
 from .app import Agent
 from .config import (
     DEFAULT_HANDLER_THREADS,
@@ -46,7 +47,6 @@ log = logging.getLogger("agent")
 # Timeouts
 STUCK_THREAD_GRACE = 1.0  # seconds for idle worker threads to finish at exit
 EXIT_RESTART = 75  # EX_TEMPFAIL: stuck threads passed the limit under a supervisor; restart me
-LISTENING = "listening on"  # in the line printed once connections are accepted: see listening_address
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,17 +173,6 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         probation_calls=args.probation_calls,
         probation_failures=args.probation_failures,
     )
-
-
-def listening_address(line: str) -> Optional[Tuple[str, int]]:
-    """``(host, port)`` from the line pi-agent prints once it accepts connections; None for any other line.
-
-    What starts an agent with ``--port 0`` (the demo, the tests) reads the port it got from here.
-    """
-    if LISTENING not in line:
-        return None
-    host, _, port = line.split(LISTENING, 1)[1].split()[0].rpartition(":")
-    return host, int(port)
 
 
 async def serve(config: AgentConfig) -> int:

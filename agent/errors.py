@@ -1,6 +1,6 @@
 """Errors the agent turns into failed replies.
 
-Every class carries a stable ``code``, which becomes the JSON ``code`` field;
+Every class carries a stable ``code`` (from ``contract``), which becomes the JSON ``code`` field;
 the message becomes ``error`` and should be a sentence a person can act on.
 ``details`` are extra reply fields (for example ``validation_details``).
 
@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+from . import contract
+
 
 class AgentError(Exception):
     """Base class: a failure that is reported to the client, never raised past the server."""
@@ -49,71 +51,71 @@ class AgentError(Exception):
 
 
 class BadRequest(AgentError):
-    code = "bad_request"
+    code = contract.BAD_REQUEST
 
 
 class InvalidJSON(AgentError):
-    code = "invalid_json"
+    code = contract.INVALID_JSON
 
 
 class UnknownCommand(AgentError):
-    code = "unknown_command"
+    code = contract.UNKNOWN_COMMAND
 
 
 class Unauthorized(AgentError):
-    code = "unauthorized"
+    code = contract.UNAUTHORIZED
 
 
 WRONG_TOKEN = "missing or wrong token: send the agent's token in the 'token' field of every request"
 
 
 class TooLarge(AgentError):
-    code = "too_large"
+    code = contract.TOO_LARGE
 
 
 class NotFound(AgentError):
-    code = "not_found"
+    code = contract.NOT_FOUND
 
 
 class Busy(AgentError):
-    code = "busy"
+    code = contract.BUSY
 
 
 class Timeout(AgentError):
-    code = "timeout"
+    code = contract.TIMEOUT
 
 
 class HandlerFailed(AgentError):
-    code = "handler_error"
+    code = contract.HANDLER_ERROR
 
 
 class ValidationFailed(AgentError):
-    code = "validation_failed"
+    code = contract.VALIDATION_FAILED
 
 
 class ChecksumMismatch(AgentError):
-    code = "checksum_mismatch"
+    code = contract.CHECKSUM_MISMATCH
 
 
 class ImportFailed(AgentError):
-    code = "import_failed"
+    code = contract.IMPORT_FAILED
 
 
 class LoadFailed(AgentError):
-    code = "load_failed"
+    code = contract.LOAD_FAILED
 
 
 class Quarantined(AgentError):
-    code = "quarantined"
+    code = contract.QUARANTINED
 
 
 class StorageFailed(AgentError):
-    code = "storage_error"
+    code = contract.STORAGE_ERROR
 
 
 class ShuttingDown(AgentError):
-    code = "shutting_down"
+    code = contract.SHUTTING_DOWN
 
 
 class InternalError(AgentError):
-    code = "internal_error"
+    code = contract.INTERNAL_ERROR

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+from agent import contract
 from agent.protocol import encode_shared_request
 
 from .fileset import HandlerFile
@@ -121,7 +122,7 @@ class Applier:
                 ("already at this version" if reply.get("unchanged") else "deployed")
         elif result.status is Status.FAILED and reply.get("rolled_back"):
             result.note = "refused at load; the device put the previous version back"
-        elif not self.plan.dry_run and (result.status is Status.TIMEOUT or result.code == "connection_lost"):
+        elif not self.plan.dry_run and (result.status is Status.TIMEOUT or result.code == contract.CONNECTION_LOST):
             self.pushed.setdefault(device_id, []).append(Pushed(file, old, None, unsure=True))
             result.note = "sent, but not answered: it may still complete there (fleet status shows what runs)"
         return result
@@ -142,13 +143,13 @@ class Applier:
         live = set((listed.reply or {}).get("commands", []))
         missing = [c for c in result.commands if c not in live]
         if missing:
-            result.status, result.code = Status.FAILED, "commands_missing"
+            result.status, result.code = Status.FAILED, contract.COMMANDS_MISSING
             result.error = f"pushed, but these commands are not live: {', '.join(missing)}"
             return
         if self.plan.verify:
             check = await self._attempt(device_id, self._verify_body, self.plan.verify, self.plan.timeout)
             if check.status is not Status.OK:
-                result.status, result.code = check.status, check.code or "verify_failed"
+                result.status, result.code = check.status, check.code or contract.VERIFY_FAILED
                 result.error = f"verify {self.plan.verify} failed: {check.error}"
                 return
             result.note += f", verify {self.plan.verify} ok"
@@ -162,7 +163,7 @@ class Applier:
         self.pushed[device_id] = self.unsure(device_id)
         failures = [text for _, kind, text in undone if kind == _FAILED]
         if failures:
-            result.code = "rollback_failed"
+            result.code = contract.ROLLBACK_FAILED
             result.error = f"{result.error}; could not put the device back on its previous release: {'; '.join(failures)}"
         else:
             notes = "; ".join(text for _, _, text in undone)
@@ -183,7 +184,7 @@ class Applier:
         result.note = "; ".join(text for _, kind, text in undone if kind != _FAILED)
         if failures:
             reason = "; ".join(failures)
-            result.status, result.code = Status.FAILED, "rollback_failed"
+            result.status, result.code = Status.FAILED, contract.ROLLBACK_FAILED
             result.error = f"{result.error}; {reason}" if result.error else reason
         elif any(kind == _BACK or (kind == _SAME and not p.unsure) for p, kind, _ in undone):
             result.status, result.removed_commands = Status.ROLLED_BACK, ()

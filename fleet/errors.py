@@ -18,6 +18,8 @@ per-device results.
 
 from __future__ import annotations
 
+from agent import contract
+
 
 class FleetError(Exception):
     code = "fleet_error"
@@ -39,18 +41,18 @@ class DeviceError(FleetError):
 
 
 class DeviceUnreachable(DeviceError):
-    code = "unreachable"
+    code = contract.UNREACHABLE
 
 
 class ConnectionLost(DeviceUnreachable):
     """The connection dropped while a request waited for its reply: the device may or may not have run it."""
 
-    code = "connection_lost"
+    code = contract.CONNECTION_LOST
 
 
 class CommandTimeout(DeviceError):
-    code = "timeout"
+    code = contract.TIMEOUT
 
 
 class ProtocolError(DeviceError):
-    code = "protocol_error"
+    code = contract.PROTOCOL_ERROR

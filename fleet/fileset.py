@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
-from agent.errors import BadRequest
-from agent.filenames import module_name_from_filename
+from agent.contract import handler_name
 
 from .errors import ConfigError
 
@@ -64,10 +63,9 @@ class FileSet:
 
 def read_handler(path: Path) -> Tuple[str, str]:
     """``(filename, code)`` of a handler file, its name checked by the agent's own rule before anything is sent."""
-    try:
-        module_name_from_filename(path.name)
-    except BadRequest as exc:
-        raise ConfigError(f"{path}: {exc.message}") from None
+    name, why = handler_name(path.name)
+    if name is None:
+        raise ConfigError(f"{path}: {why}")
     try:
         return path.name, path.read_text(encoding="utf-8")
     except FileNotFoundError:

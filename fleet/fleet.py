@@ -22,6 +22,7 @@ import time
 from collections import deque
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from agent import contract
 from agent.protocol import encode_shared_request
 
 from .connection import Deadlines, DeviceConnection, MessageCallback
@@ -267,9 +268,9 @@ def _task_outcome(device_id: str, finish: Callable[[Optional[Dict[str, Any]], Op
 def _failed(device_id: str, exc: BaseException) -> DeviceResult:
     if not isinstance(exc, DeviceError):  # a bug on our side: report it on this device, keep the others going
         log.error("request to %s failed unexpectedly", device_id, exc_info=exc)
-        return DeviceResult(device_id, Status.FAILED, error=f"internal error: {exc!r}", code="internal_error")
+        return DeviceResult(device_id, Status.FAILED, error=f"internal error: {exc!r}", code=contract.INTERNAL_ERROR)
     if isinstance(exc, CommandTimeout):
-        return DeviceResult(device_id, Status.TIMEOUT, error=exc.message, code="timeout")
+        return DeviceResult(device_id, Status.TIMEOUT, error=exc.message, code=contract.TIMEOUT)
     if isinstance(exc, DeviceUnreachable):  # code: unreachable, or connection_lost (the request may have run)
         return DeviceResult(device_id, Status.UNREACHABLE, error=exc.message, code=exc.code)
     return DeviceResult(device_id, Status.FAILED, error=exc.message, code=exc.code)
@@ -280,7 +281,7 @@ def _replied(device_id: str, reply: Any, device: Optional[Device] = None) -> Dev
         return DeviceResult(device_id, Status.OK)
     if reply.get("success") is False:
         error = str(reply.get("error"))
-        if reply.get("code") == "unauthorized":  # the agent's sentence is for any client; this one has an inventory
+        if reply.get("code") == contract.UNAUTHORIZED:  # the agent's sentence is for any client; this one has an inventory
             source = device.token_source if device is not None and device.token_source else f"${DEFAULT_TOKEN_ENV}"
             error += (f" (this controller sends the token from {source}: set it to the agent's token, "
                       "or give the device 'token' or 'token_env' in devices.json)")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from agent.cli import listening_address
+from agent.contract import listening_address
 
 from .inventory import Device
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional
 import pytest
 
 from agent.app import Agent
-from agent.cli import listening_address
+from agent.contract import listening_address
 from agent.config import AgentConfig
 
 REPO = Path(__file__).resolve().parent.parent
