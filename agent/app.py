@@ -14,7 +14,7 @@ import logging
 import socket
 import sys
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from . import __version__
 from .activation import ActivationRecords, Quarantine
@@ -33,6 +33,11 @@ from .registry import Registry
 from .server import AgentServer
 from .store import HandlerStore
 
+if TYPE_CHECKING:
+    import ssl
+
+    from .tls import ServerTLS
+
 log = logging.getLogger(__name__)
 
 # Limits
@@ -49,6 +54,7 @@ class Agent:
         self._started_monotonic = time.monotonic()
         self.address: Optional[Tuple[str, int]] = None
         self._probe: "Optional[asyncio.Future[None]]" = None
+        self.tls: "Optional[ServerTLS]" = None  # with --tls-*: the listener's context, re-read on CRL changes
         self._closed = False
         # Set when stuck threads pass the limit under a supervisor: the agent should exit and be restarted.
         self.restart_needed = asyncio.Event()
@@ -114,7 +120,7 @@ class Agent:
     async def start(self) -> Tuple[str, int]:
         """Probe the import test's box, recover and load the handlers, then start listening."""
         await self.recovery.start()
-        self.address = await self.server.start(self.config.host, self.config.port)
+        self.address = await self.server.start(self.config.host, self.config.port, tls=self._tls_context())
         # Which of the box's protections hold: known already if handlers were import-tested at start,
         # else learned in the background, so that a box being set up never delays the first reply.
         self._probe = asyncio.ensure_future(self._report_isolation())
@@ -124,6 +130,14 @@ class Agent:
             len(self.registry.modules), len(self.registry.failed),
         )
         return self.address
+
+    def _tls_context(self) -> "Optional[ssl.SSLContext]":
+        if self.config.tls is None:
+            return None
+        from .tls import ServerTLS  # the ssl module only when TLS is on
+
+        self.tls = ServerTLS(self.config.tls)
+        return self.tls.context
 
     async def _report_isolation(self) -> None:
         isolation = self.tester.isolation

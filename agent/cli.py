@@ -12,10 +12,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from . import __version__
 from .contract import LISTENING
+
+if TYPE_CHECKING:
+    from .tls import TLSFiles
 from .app import Agent
 from .config import (
     DEFAULT_HANDLER_THREADS,
@@ -58,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             f"The token is read from --token-file or the {TOKEN_ENV} environment variable. Without "
-            "one the agent listens on loopback only, unless --insecure is given. "
-            "Example: pi-agent --host 0.0.0.0 --port 3000 --root /var/lib/pi-agent --token-file /etc/pi-agent/token"
+            "one, and without TLS, the agent listens on loopback only, unless --insecure is given. "
+            "Examples: pi-agent --host 0.0.0.0 --port 3000 --root /var/lib/pi-agent --token-file /etc/pi-agent/token; "
+            "pi-agent --host 0.0.0.0 --root /var/lib/pi-agent --tls-cert /etc/pi-agent/device.crt "
+            "--tls-key /etc/pi-agent/device.key --tls-ca /etc/pi-agent/ca.crt"
         ),
     )
     parser.add_argument("--version", action="version", version=f"pi-agent {__version__}")
@@ -71,7 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default $PI_AGENT_ROOT or ~/pi-agent)")
     net.add_argument("--token-file", help="file whose first line is the shared secret every request must carry")
     net.add_argument("--insecure", action="store_true",
-                     help="allow listening beyond loopback without a token (anyone who can connect can push code)")
+                     help="allow listening beyond loopback without a token or TLS (anyone who can connect can "
+                          "push code)")
+    tls = parser.add_argument_group(
+        "TLS", "Mutual TLS: the agent speaks TLS 1.2+ only and requires a client certificate signed by --tls-ca "
+               "(`fleet ca issue DEVICE_ID` writes all three files). The token is then optional; with both, "
+               "both are checked.")
+    tls.add_argument("--tls-cert", metavar="FILE", help="this device's certificate (PEM)")
+    tls.add_argument("--tls-key", metavar="FILE", help="this device's private key (PEM)")
+    tls.add_argument("--tls-ca", metavar="FILE", help="the fleet CA's certificate: clients must present one it signed")
+    tls.add_argument("--tls-crl", metavar="FILE",
+                     help="revoked certificates (PEM CRL from `fleet ca revoke`), re-read when the file changes")
     timeouts = parser.add_argument_group("timeouts (seconds)")
     timeouts.add_argument("--handler-timeout", type=float, default=DEFAULT_HANDLER_TIMEOUT,
                           help=f"time limit of one handler call; a request's 'timeout' may lower it (default {DEFAULT_HANDLER_TIMEOUT:g})")
@@ -144,6 +159,25 @@ def _add_device_safety_options(parser: argparse.ArgumentParser) -> None:
                            help=f"failed calls that trigger an automatic rollback (default {DEFAULT_PROBATION_FAILURES})")
 
 
+def tls_files(args: argparse.Namespace) -> "Optional[TLSFiles]":
+    """The TLS files given (all three of cert, key and CA, or none), checked by building a context from them."""
+    given = [args.tls_cert, args.tls_key, args.tls_ca]
+    if not any(given) and not args.tls_crl:
+        return None
+    if not all(given):
+        raise ConfigError("TLS needs --tls-cert, --tls-key and --tls-ca together (`fleet ca issue DEVICE_ID` "
+                          "writes them)")
+    from .tls import TLSError, TLSFiles, server_context
+
+    files = TLSFiles(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_ca),
+                     Path(args.tls_crl) if args.tls_crl else None)
+    try:
+        server_context(files)
+    except TLSError as exc:
+        raise ConfigError(str(exc)) from None
+    return files
+
+
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
     return AgentConfig(
         root=Path(args.root).expanduser(),
@@ -152,6 +186,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         token=read_token(args.token_file),
         token_file=Path(args.token_file).resolve() if args.token_file else None,
         insecure=args.insecure,
+        tls=tls_files(args),
         sandbox_user=args.sandbox_user,
         supervised=args.supervised,
         max_stuck_threads=args.max_stuck_threads,

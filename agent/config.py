@@ -10,11 +10,14 @@ import os
 import pwd
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 from .admission import DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_UNAUTHENTICATED_IDLE
 from .protocol import DEFAULT_MAX_LINE_BYTES
 from .store import DEFAULT_MAX_BACKUP_BYTES, DEFAULT_MAX_HANDLER_FILES
+
+if TYPE_CHECKING:
+    from .tls import TLSFiles
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3000
@@ -50,6 +53,7 @@ class AgentConfig:
     token: Optional[str] = None
     token_file: Optional[Path] = None  # hidden from the import test's box
     insecure: bool = False
+    tls: Optional["TLSFiles"] = None  # mutual TLS (agent/tls.py); the certificate then identifies the client
     sandbox_user: str = DEFAULT_SANDBOX_USER  # the import test runs as this user when the agent is root
     supervised: bool = False  # a supervisor restarts the agent: exit when stuck threads pass the limit
     # Timeouts
@@ -96,10 +100,11 @@ class AgentConfig:
         if not _user_exists(self.sandbox_user):
             raise ConfigError(f"no user {self.sandbox_user!r} on this system for the import test's box "
                               "(--sandbox-user); name an existing unprivileged user, such as nobody")
-        if self.token is None and not self.insecure and not is_loopback(self.host):
+        if self.token is None and self.tls is None and not self.insecure and not is_loopback(self.host):
             raise ConfigError(
-                f"refusing to listen on {self.host} without a token: anyone on the network could "
-                f"push code. Set --token-file or {TOKEN_ENV}, or pass --insecure if you really mean it"
+                f"refusing to listen on {self.host} without a token or TLS: anyone on the network could "
+                f"push code. Give --tls-cert/--tls-key/--tls-ca (mutual TLS), or --token-file or {TOKEN_ENV}, "
+                "or pass --insecure if you really mean it"
             )
 
 

@@ -41,6 +41,7 @@ INTERNAL_ERROR = "internal_error"  # a bug (the agent's, or the controller's own
 UNREACHABLE = "unreachable"  # no connection (refused, timed out, no route)
 CONNECTION_LOST = "connection_lost"  # the connection dropped with a request unanswered: it may have run
 PROTOCOL_ERROR = "protocol_error"  # the device answered something that does not fit the protocol
+TLS_FAILED = "tls_failed"  # the TLS handshake failed: a certificate refused, revoked, expired, or no TLS there
 WRONG_DEVICE = "wrong_device"  # over TLS, the agent's certificate names another device
 COMMANDS_MISSING = "commands_missing"  # pushed, but its commands are not live
 VERIFY_FAILED = "verify_failed"  # the rollout's --verify command failed

@@ -26,7 +26,10 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from typing import Any, Deque, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Deque, Optional, Set, Tuple, Union
+
+if TYPE_CHECKING:
+    import ssl  # only for the annotation: the agent imports ssl only when TLS is on
 
 from .admission import ConnectionState, Deadlines, FailedLogins, expired, over_budget, pick_victim
 from .dispatch import Dispatcher
@@ -123,10 +126,11 @@ class _Connection(asyncio.BufferedProtocol):
         self._server.hold(before, held)
 
     def eof_received(self) -> bool:
-        # The client is done sending; answer what it asked, then close.
+        # The client is done sending; answer what it asked, then close. (Over TLS the connection
+        # cannot stay half open: asyncio closes it whatever this returns, so say so.)
         self._close_when_flushed = True
         self._flush()
-        return True
+        return self._transport is None or self._transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._closed = True
@@ -346,12 +350,14 @@ class AgentServer:
         self._closed_since_sweep.clear()
         self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
 
-    async def start(self, host: str, port: int) -> Tuple[str, int]:
+    async def start(self, host: str, port: int, tls: Optional["ssl.SSLContext"] = None) -> Tuple[str, int]:
+        """Listen on ``host:port``; with ``tls``, every connection is TLS (see ``agent/tls.py``)."""
         loop = asyncio.get_running_loop()
         # The backlog is generous: the system the seed documents used listen(5)
         # and left most of 1,000 simultaneous connections unanswered.
         self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, backlog=1024, reuse_address=True
+            lambda: _Connection(self), host, port, backlog=1024, reuse_address=True, ssl=tls,
+            ssl_handshake_timeout=self.deadlines.unauthenticated_idle if tls is not None else None,
         )
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
         sockname = self._server.sockets[0].getsockname()

@@ -10,7 +10,7 @@ import argparse
 import textwrap
 from typing import Any, List
 
-from . import state_cli
+from . import ca_cli, state_cli
 from .fleet import DEFAULT_CONCURRENCY
 from .state import STATE_ENV
 
@@ -94,10 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     _subcommand(sub, "demo", [common]).add_argument("--agents", type=int, default=4,
                                                     help="local agents to start (default 4, at least 3)")
     state_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
+    ca_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
     return parser
 
 
-USES_STATE = ("status", "deploy", "converge", "rollback") + state_cli.COMMANDS  # the subcommands that read or write the state file
+USES_STATE = ("status", "deploy", "converge", "rollback", "ca") + state_cli.COMMANDS  # the subcommands that read or write the state file
 
 # Each subcommand: its line in `fleet --help`, what its own --help says, and an example.
 SUBCOMMANDS = {
@@ -151,6 +152,11 @@ SUBCOMMANDS = {
                 "files and release, how many devices answered and how, and the outcome (or that the controller "
                 "stopped before the end: `fleet converge` finishes it).",
                 "fleet history --limit 10"),
+    "ca": ("the fleet's certificate authority (init, issue, issue-controller, revoke, list)",
+           "Mutual TLS for the wire: one CA for the fleet, a certificate per device (its id in it) and per "
+           "controller, and a revocation list the agents re-read. Its folder is --ca-dir, or ca/ beside the "
+           "state file.",
+           "fleet ca issue raspi_main"),
     "demo": ("start local agents and roll the camera handler out to them",
              "Start local agents on 127.0.0.1 in a temporary folder and run the main job against them: a rollout "
              "in waves with an offline device and one that refuses, recordings, status, rollback.",

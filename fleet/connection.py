@@ -18,15 +18,18 @@ import itertools
 import logging
 import math
 import random
+import ssl
 import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from agent.protocol import LineReader, address_request, decode_message, encode_shared_request, token_field
 
-from .errors import CommandTimeout, ConnectionLost, DeviceError, DeviceUnreachable, ProtocolError
+from .errors import (CommandTimeout, ConnectionLost, DeviceError, DeviceUnreachable, ProtocolError, TLSRefused,
+                     WrongDevice)
 from .inventory import Device
 from .replies import reply_problem
+from .tls import client_context, explain, identity_problem, refusal
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +200,7 @@ class DeviceConnection:
         self.connected_at: Optional[float] = None
         self._opened = 0.0  # time.monotonic() of the current connection
         self.last_error: Optional[str] = None
+        self._tls_refused = False  # the agent closed the last TLS connection before answering: it refused us
         self.last_reply_at: Optional[float] = None
         self.reconnects = 0
         self.backoff_max = BACKOFF_MAX
@@ -223,11 +227,20 @@ class DeviceConnection:
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
+        tls = client_context(self.device.tls) if self.device.tls is not None else None
         try:
             transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: _Protocol(self), self.device.host, self.device.port),
+                loop.create_connection(lambda: _Protocol(self), self.device.host, self.device.port, ssl=tls),
                 self.connect_timeout,
             )
+        except ssl.SSLError as exc:
+            self.last_error = explain(exc)
+            raise TLSRefused(self.device.id, f"{self.device.address}: {self.last_error}") from None
+        except ConnectionResetError:
+            if self.device.tls is None:
+                raise DeviceUnreachable(self.device.id, f"{self.device.address}: connection reset") from None
+            self.last_error = refusal(self.device.tls)  # TLS 1.2: the agent refused us within the handshake
+            raise TLSRefused(self.device.id, f"{self.device.address}: {self.last_error}") from None
         except asyncio.TimeoutError:
             self.last_error = f"no connection within {self.connect_timeout:g} s (is the device up and on the network?)"
             raise DeviceUnreachable(self.device.id, f"{self.device.address}: {self.last_error}") from None
@@ -237,7 +250,18 @@ class DeviceConnection:
         except OSError as exc:
             self.last_error = exc.strerror or str(exc)
             raise DeviceUnreachable(self.device.id, f"{self.device.address}: {self.last_error}") from None
+        if transport.is_closing():  # closed as soon as it opened: over TLS, the agent refused our certificate
+            self.last_error = refusal(self.device.tls) if self.device.tls is not None else "closed as soon as it opened"
+            self._tls_refused = self.device.tls is not None
+            error = TLSRefused if self._tls_refused else DeviceUnreachable
+            raise error(self.device.id, f"{self.device.address}: {self.last_error}")
+        problem = identity_problem(transport, self.device.id) if tls is not None else None
+        if problem is not None:
+            transport.abort()
+            self.last_error = problem
+            raise WrongDevice(self.device.id, f"{self.device.address}: {problem}")
         self._transport = transport  # type: ignore[assignment]
+        self._tls_refused = False
         self._lost = asyncio.Event()
         self.connected_at = time.time()
         self._opened = time.monotonic()
@@ -282,6 +306,10 @@ class DeviceConnection:
         """
         transport = self._transport
         if transport is None or transport.is_closing():
+            if transport is not None and self.device.tls is not None and self._refused_us():
+                self.last_error, self._tls_refused = refusal(self.device.tls), True
+            if self._tls_refused:
+                raise TLSRefused(self.device.id, f"{self.device.address}: {self.last_error}")
             raise DeviceUnreachable(self.device.id, self.last_error or "not connected yet: call connect() first")
         request_id = next(self._ids)
         self.deadlines.add(self.request_timeout if timeout is None else timeout, self, request_id, command)
@@ -328,12 +356,24 @@ class DeviceConnection:
         self._transport = None
         if self._lost is not None:
             self._lost.set()
+        if self.device.tls is not None and self._refused_us() and not self._closed:
+            self.last_error, self._tls_refused = refusal(self.device.tls), True
+            self._fail_pending(TLSRefused(self.device.id, f"{self.device.address}: {self.last_error}"))
+            return
         if not self._closed:
             self.last_error = f"connection lost: {exc}" if exc else "connection closed by the device"
+            if self.device.tls is None and (self.last_reply_at or 0) < self._opened:
+                self.last_error += (" without a word (an agent that speaks TLS closes plain connections: then give "
+                                    "this device \"tls\": true in devices.json)")
         if self._pending:
             self._fail_pending(ConnectionLost(
                 self.device.id, f"{self.last_error or 'connection closed'} before it answered (it may or may not "
                 "have run the request)"))
+
+    def _refused_us(self) -> bool:
+        """A TLS connection closed before a single reply: the agent refused our certificate. (With TLS 1.3
+        it checks the client's certificate after the handshake has completed on our side, and closes.)"""
+        return self.device.tls is not None and (self.last_reply_at or 0) < self._opened
 
     def _fail_pending(self, error: DeviceError) -> None:
         pending, self._pending = self._pending, {}
@@ -375,7 +415,7 @@ class DeviceConnection:
                 await self.connect()
                 self.reconnects += 1
                 self.log.info("reconnected after %d attempt(s)", attempt)
-            except DeviceUnreachable as exc:
+            except DeviceError as exc:  # unreachable still, or a TLS refusal: tried again, and said in status
                 self.log.debug("reconnect failed: %s", exc.message)
 
     def status(self) -> Dict[str, Any]:

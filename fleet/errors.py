@@ -14,6 +14,8 @@ per-device results.
         |   +-- ConnectionLost       it dropped with our request unanswered: it may have run
         +-- CommandTimeout       no reply within the time limit
         +-- ProtocolError        the device answered something that is not our protocol
+        +-- TLSRefused           the TLS handshake failed: a certificate was refused (nothing ran)
+        +-- WrongDevice          over TLS, the agent's certificate names another device (nothing sent)
 """
 
 from __future__ import annotations
@@ -56,3 +58,15 @@ class CommandTimeout(DeviceError):
 
 class ProtocolError(DeviceError):
     code = contract.PROTOCOL_ERROR
+
+
+class TLSRefused(DeviceError):
+    """The TLS handshake failed (either side refused a certificate): nothing was sent, nothing ran."""
+
+    code = contract.TLS_FAILED
+
+
+class WrongDevice(DeviceError):
+    """Over TLS, the agent's certificate names another device: nothing was sent to it."""
+
+    code = contract.WRONG_DEVICE

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import ConfigError
+from .tls import ClientTLS
 
 DEFAULT_PORT = 3000
 DEFAULT_TOKEN_ENV = "PI_AGENT_TOKEN"
@@ -30,8 +31,10 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
 _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_DEVICE_KEYS = {"id", "name", "host", "port", "type", "description", "tags", "token", "token_env"}
-_DEFAULT_KEYS = {"port", "token_env", "timeout", "connect_timeout"}
+_DEVICE_KEYS = {"id", "name", "host", "port", "type", "description", "tags", "token", "token_env", "tls", "ca",
+                "cert", "key"}
+_DEFAULT_KEYS = {"port", "token_env", "timeout", "connect_timeout", "tls", "ca", "cert", "key"}
+_TLS_FILES = ("ca", "cert", "key")  # with "tls": true, the fleet CA and this controller's certificate and key
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Device:
     tags: Tuple[str, ...] = ()
     token: Optional[str] = field(default=None, repr=False)  # never printed
     token_source: str = ""  # where the token comes from, for messages: "$CAM_TOKEN (not set)"
+    tls: Optional[ClientTLS] = None  # reached over mutual TLS (fleet/tls.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not _ID.match(self.id):
@@ -107,11 +111,14 @@ def load_inventory(path: Path, environ: Optional[Mapping[str, str]] = None) -> I
         data = json.loads(text)
     except ValueError as exc:
         raise ConfigError(f"{source}: not valid JSON: {exc}") from None
-    return parse_inventory(data, source=source, environ=environ)
+    return parse_inventory(data, source=source, environ=environ, base=Path(path).resolve().parent)
 
 
-def parse_inventory(data: Any, *, source: str = "<memory>", environ: Optional[Mapping[str, str]] = None) -> Inventory:
+def parse_inventory(data: Any, *, source: str = "<memory>", environ: Optional[Mapping[str, str]] = None,
+                    base: Optional[Path] = None) -> Inventory:
+    """``base``: the folder that relative TLS paths start from (the inventory's; default the current one)."""
     environ = os.environ if environ is None else environ
+    base = Path(".") if base is None else base
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be an object with a \"raspberryPiDevices\" list")
     defaults = data.get("defaults", {})
@@ -142,7 +149,7 @@ def parse_inventory(data: Any, *, source: str = "<memory>", environ: Optional[Ma
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))} "
                               f"(known: {', '.join(sorted(_DEVICE_KEYS))})")
-        device = _device(entry, defaults, where, environ)
+        device = _device(entry, defaults, where, environ, base)
         if device.id in seen:
             raise ConfigError(f"{where}: duplicate id {device.id!r} (also raspberryPiDevices[{seen[device.id]}])")
         seen[device.id] = index
@@ -150,7 +157,26 @@ def parse_inventory(data: Any, *, source: str = "<memory>", environ: Optional[Ma
     return Inventory(tuple(devices), timeout=timeout, connect_timeout=connect_timeout, source=source)
 
 
-def _device(entry: Dict[str, Any], defaults: Dict[str, Any], where: str, environ: Mapping[str, str]) -> Device:
+def _tls(entry: Dict[str, Any], defaults: Dict[str, Any], where: str, base: Path) -> Optional[ClientTLS]:
+    """``"tls": true`` with ``ca``, ``cert`` and ``key`` (in the entry or in defaults; relative to the inventory)."""
+    enabled = entry.get("tls", defaults.get("tls", False))
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{where}: field 'tls' must be true or false")
+    if not enabled:
+        return None
+    paths = {}
+    for name in _TLS_FILES:
+        value = entry.get(name, defaults.get(name))
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: with \"tls\": true, {name!r} must name a file (in the entry or in "
+                              "defaults): the fleet CA's certificate (ca), and this controller's certificate and key "
+                              "(cert, key) from `fleet ca issue-controller`")
+        paths[name] = base / Path(value).expanduser()
+    return ClientTLS(paths["ca"], paths["cert"], paths["key"])
+
+
+def _device(entry: Dict[str, Any], defaults: Dict[str, Any], where: str, environ: Mapping[str, str],
+            base: Path) -> Device:
     tags = entry.get("tags", [])
     if not isinstance(tags, list):
         raise ConfigError(f"{where}: field 'tags' must be a list of strings")
@@ -165,6 +191,7 @@ def _device(entry: Dict[str, Any], defaults: Dict[str, Any], where: str, environ
         token_source = f"${token_env}" + ("" if token else " (not set)")
     else:
         token_source = "'token' in its devices.json entry"
+    tls = _tls(entry, defaults, where, base)
     for text_field in ("name", "type", "description"):
         if not isinstance(entry.get(text_field, ""), str):
             raise ConfigError(f"{where}: field {text_field!r} must be a string")
@@ -179,6 +206,7 @@ def _device(entry: Dict[str, Any], defaults: Dict[str, Any], where: str, environ
             tags=tuple(tags),
             token=token,
             token_source=token_source,
+            tls=tls,
         )
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
