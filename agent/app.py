@@ -36,6 +36,7 @@ from .store import HandlerStore
 if TYPE_CHECKING:
     import ssl
 
+    from .signatures import Trust
     from .tls import ServerTLS
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class Agent:
         )
         self.pipeline = DeployPipeline(config=config, registry=self.registry, store=self.store, tester=self.tester,
                                        loader=self.loader, quarantine=self.quarantine, probation=self.probation,
-                                       work_pool=self._work_pool)
+                                       work_pool=self._work_pool, trust=_trust(config))
         self.recovery = Recovery(self.pipeline, self.loader.records, self.quarantine)
         self.deploy = DeployCommands(self.pipeline, self.recovery, self.quarantine, self.tester)
 
@@ -188,6 +189,7 @@ class Agent:
             "stuck_handler_calls_total": self.dispatcher.stuck_total,
             "stuck_threads": self._stuck_threads(),
             "disk": self._disk(),
+            "signatures": self.pipeline.trust.describe() if self.pipeline.trust else {"required": False},
             **self.deploy.status(),
         }
 
@@ -248,3 +250,12 @@ def describe_isolation(isolation: Dict[str, Any]) -> str:
     active = ", ".join(sorted(isolation.get("active", {})))
     missing = "; ".join(f"{name} ({why})" for name, why in sorted(isolation.get("missing", {}).items()))
     return f"active: {active or 'none'}; missing: {missing or 'none'}"
+
+
+def _trust(config: AgentConfig) -> "Optional[Trust]":
+    """With ``--trusted-keys``: what the pipeline asks before running code (``agent/signatures.py``)."""
+    if config.trusted_keys is None:
+        return None
+    from .signatures import Trust, TrustedKeys
+
+    return Trust(TrustedKeys(config.trusted_keys), config.root / ".state")

@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--tls-ca", metavar="FILE", help="the fleet CA's certificate: clients must present one it signed")
     tls.add_argument("--tls-crl", metavar="FILE",
                      help="revoked certificates (PEM CRL from `fleet ca revoke`), re-read when the file changes")
+    parser.add_argument("--trusted-keys", metavar="DIR",
+                        help="run only handler code signed by one of the release keys in DIR (*.pub, from `fleet "
+                             "keys init`): unsigned or badly signed pushes, rollbacks and files found at start are "
+                             "refused. Needs python3-cryptography")
     timeouts = parser.add_argument_group("timeouts (seconds)")
     timeouts.add_argument("--handler-timeout", type=float, default=DEFAULT_HANDLER_TIMEOUT,
                           help=f"time limit of one handler call; a request's 'timeout' may lower it (default {DEFAULT_HANDLER_TIMEOUT:g})")
@@ -178,6 +182,19 @@ def tls_files(args: argparse.Namespace) -> "Optional[TLSFiles]":
     return files
 
 
+def trusted_keys(args: argparse.Namespace) -> Optional[Path]:
+    """``--trusted-keys DIR``, checked now (the package, and at least one usable key) so a bad one stops the start."""
+    if not args.trusted_keys:
+        return None
+    from .signatures import TrustedKeys, TrustedKeysError
+
+    try:
+        TrustedKeys(Path(args.trusted_keys))
+    except TrustedKeysError as exc:
+        raise ConfigError(str(exc)) from None
+    return Path(args.trusted_keys)
+
+
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
     return AgentConfig(
         root=Path(args.root).expanduser(),
@@ -187,6 +204,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         token_file=Path(args.token_file).resolve() if args.token_file else None,
         insecure=args.insecure,
         tls=tls_files(args),
+        trusted_keys=trusted_keys(args),
         sandbox_user=args.sandbox_user,
         supervised=args.supervised,
         max_stuck_threads=args.max_stuck_threads,

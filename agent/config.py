@@ -54,6 +54,7 @@ class AgentConfig:
     token_file: Optional[Path] = None  # hidden from the import test's box
     insecure: bool = False
     tls: Optional["TLSFiles"] = None  # mutual TLS (agent/tls.py); the certificate then identifies the client
+    trusted_keys: Optional[Path] = None  # run only code signed by one of these keys (agent/signatures.py)
     sandbox_user: str = DEFAULT_SANDBOX_USER  # the import test runs as this user when the agent is root
     supervised: bool = False  # a supervisor restarts the agent: exit when stuck threads pass the limit
     # Timeouts

@@ -35,6 +35,8 @@ LOAD_FAILED = "load_failed"  # a module could not be loaded live
 QUARANTINED = "quarantined"  # this version killed or hung the agent when loaded
 STORAGE_ERROR = "storage_error"  # the device could not write a file
 SHUTTING_DOWN = "shutting_down"  # the agent is stopping
+UNSIGNED = "unsigned"  # this agent requires signed code (--trusted-keys) and the version has no signature
+BAD_SIGNATURE = "bad_signature"  # the signature does not verify, or its key is not one this agent trusts
 INTERNAL_ERROR = "internal_error"  # a bug (the agent's, or the controller's own)
 
 # Codes the controller makes for what happened on its side
@@ -46,6 +48,23 @@ WRONG_DEVICE = "wrong_device"  # over TLS, the agent's certificate names another
 COMMANDS_MISSING = "commands_missing"  # pushed, but its commands are not live
 VERIFY_FAILED = "verify_failed"  # the rollout's --verify command failed
 ROLLBACK_FAILED = "rollback_failed"  # a device this rollout changed could not be put back
+
+# Signed releases: what a release-signing key (Ed25519) signs for each handler file, and how a key is named.
+SIGNED_PREFIX = b"pifleet-handler-file-v1\n"
+
+
+def signed_message(filename: str, sha256: str) -> bytes:
+    """The bytes signed for one handler file: its plain name (``camera_handlers.py``) and the code's sha256,
+    so a signature for one file cannot pass for another, nor for other code."""
+    return SIGNED_PREFIX + f"{filename.rsplit('/', 1)[-1]}\n{sha256.lower()}".encode("utf-8")
+
+
+def key_id(raw_public_key: bytes) -> str:
+    """A public key's short name: the first 16 hex digits of the sha256 of its 32 raw bytes."""
+    import hashlib
+
+    return hashlib.sha256(raw_public_key).hexdigest()[:16]
+
 
 # The line pi-agent prints once it accepts connections: "pi-agent 0.1.0 listening on 127.0.0.1:3000 (...)"
 LISTENING = "listening on"

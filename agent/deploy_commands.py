@@ -28,7 +28,7 @@ MAX_LOG_LIMIT = 1000
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 # Deploy arguments added after the seed's, listed in get_status so a controller can tell which agents
 # honour them: an older agent ignores an argument it does not know, and a controller must not rely on it.
-DEPLOY_FEATURES = ("if_version", "to_version", "force", "release")
+DEPLOY_FEATURES = ("if_version", "to_version", "force", "release", "signature")
 
 
 class DeployCommands:
@@ -55,9 +55,14 @@ class DeployCommands:
         release = args.get("release")
         if release is not None and (isinstance(release, bool) or not isinstance(release, int) or release < 1):
             raise BadRequest(f"'release' must be the controller's release number (a whole number from 1), got {release!r}")
+        signature, signer = args.get("signature"), args.get("key_id")
+        if (signature is None) != (signer is None) or not isinstance(signature or "", str) or \
+                not isinstance(signer or "", str):
+            raise BadRequest("'signature' (base64) and 'key_id' go together, as strings")
         outcome = await self.pipeline.update(
             name, source, sha256=expected, dry_run=_flag(args, "dry_run"),
-            rule=self.pipeline.probation.rule_from(args.get("probation")), force=_flag(args, "force"), release=release)
+            rule=self.pipeline.probation.rule_from(args.get("probation")), force=_flag(args, "force"), release=release,
+            signature=signature, key_id=signer)
         return _updated(outcome)
 
     async def rollback_handler(self, request: Request) -> Dict[str, Any]:

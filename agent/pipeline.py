@@ -37,7 +37,7 @@ import functools
 import inspect
 import logging
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
 
 from .activation import ActivationRecord, Quarantine
 from .backups import choose_backup, previous_version
@@ -52,6 +52,9 @@ from .registry import LoadedModule, Registry, compile_module, sha256_hex
 from .source import decode_source
 from .store import BackupBudgetExceeded, HandlerStore
 
+if TYPE_CHECKING:
+    from .signatures import Trust
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -60,7 +63,7 @@ T = TypeVar("T")
 class DeployPipeline:
     def __init__(self, *, config: AgentConfig, registry: Registry, store: HandlerStore, tester: ImportTester,
                  loader: Loader, quarantine: Quarantine, probation: Probation,
-                 work_pool: concurrent.futures.ThreadPoolExecutor) -> None:
+                 work_pool: concurrent.futures.ThreadPoolExecutor, trust: "Optional[Trust]" = None) -> None:
         self.config = config
         self.registry = registry
         self.store = store
@@ -68,6 +71,7 @@ class DeployPipeline:
         self.loader = loader
         self.quarantine = quarantine
         self.probation = probation
+        self.trust = trust  # with --trusted-keys: only signed code runs (``signatures``)
         self._work_pool = work_pool
         # Import tests take turns in the helper anyway; waiting for one must not hold a worker thread.
         self._test_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="import-test")
@@ -87,16 +91,22 @@ class DeployPipeline:
     # The service
 
     async def update(self, name: str, source: bytes, *, sha256: Optional[str] = None, dry_run: bool = False,
-                     rule: Optional[ProbationRule] = None, force: bool = False, release: Optional[int] = None) -> Outcome:
+                     rule: Optional[ProbationRule] = None, force: bool = False, release: Optional[int] = None,
+                     signature: Optional[str] = None, key_id: Optional[str] = None) -> Outcome:
         """Push ``source`` as handlers/NAME.py. ``force`` lets a quarantined version be tried again;
-        ``release`` is the controller's release number, kept with the version (log, ``get_status``)."""
+        ``release`` is the controller's release number, kept with the version (log, ``get_status``);
+        ``signature``/``key_id`` are verified first with ``--trusted-keys``, and kept either way."""
         version = sha256_hex(source)
         if sha256 is not None and sha256.lower() != version:
             raise ChecksumMismatch(
                 f"sha256 mismatch: the code received hashes to {version} but the request says "
                 f"{sha256}; the transfer was corrupted or the wrong file was sent, nothing was changed")
+        if self.trust is not None:
+            self.trust.check_push(name, version, signature, key_id)
         async with self.lock(name):
             await self._unless_quarantined(name, version, force=force, dry_run=dry_run)
+            if signature is not None and key_id is not None and not dry_run:
+                await self.run(self._keep_signature, name, version, signature, key_id)
             return await self.change(name, source, Change("deploy", rule=rule, release=release), dry_run=dry_run)
 
     async def rollback(self, name: str, *, backup: Optional[str] = None, to_version: Optional[str] = None,
@@ -111,6 +121,7 @@ class DeployPipeline:
                 choose_backup, self.store, name, backup=backup, to_version=to_version, quarantined=quarantined))
             version = sha256_hex(source)
             await self._unless_quarantined(name, version, force=force)
+            await self._unless_unverified(name, version)
             release = await self.run(self.store.release_of, name, version)
             return await self.change(name, source, Change("rollback", restored_from=chosen, release=release))
 
@@ -121,6 +132,7 @@ class DeployPipeline:
                 raise NotFound(f"handlers/{name}.py does not exist on this device")
             version = sha256_hex(source)
             await self._unless_quarantined(name, version, force=False)
+            await self._unless_unverified(name, version)
             release = await self.run(self.store.release_of, name, version)
             return await self.change(name, source, Change("reload", writes_file=False, release=release))
 
@@ -147,6 +159,16 @@ class DeployPipeline:
         live = await self.run(self.store.read_live, name)
         live_version = sha256_hex(live) if live is not None else None
         return None if live_version == if_version else Untouched(name, live_version, if_version)
+
+    async def _unless_unverified(self, name: str, version: str) -> None:
+        """With --trusted-keys: a version already on the device (a backup, the live file) must have come signed."""
+        if self.trust is not None:
+            await self.run(self.trust.check_stored, name, version)
+
+    def _keep_signature(self, name: str, version: str, signature: str, key_id: str) -> None:
+        from .signatures import SignatureStore  # kept even when not required: --trusted-keys may come later
+
+        SignatureStore(self.config.root / ".state").save(f"{name}.py", version, signature, key_id)
 
     async def _unless_quarantined(self, name: str, version: str, *, force: bool, dry_run: bool = False) -> None:
         entry = await self.run(self.quarantine.get, name, version)

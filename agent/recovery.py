@@ -222,6 +222,8 @@ class Recovery:
         """Import-test (and with ``vet``, check) and load ``source``; the reason it failed, or None."""
         version = sha256_hex(source)
         try:
+            if self.pipeline.trust is not None:  # only signed code runs, from the first start on
+                await self.pipeline.run(self.pipeline.trust.check_stored, name, version)
             text = decode_source(name, source)
             if vet:
                 await self.pipeline.vet(name, text)

@@ -40,7 +40,8 @@ def push_body(file: HandlerFile, release: Optional[int], dry_run: bool, probatio
     return encode_shared_request({
         "command": "update_handler", "filename": file.name, "code": file.code, "sha256": file.sha256,
         "dry_run": dry_run, "probation": probation, **({"force": True} if force else {}),
-        **({"release": release} if release else {})})
+        **({"release": release} if release else {}),
+        **({"signature": file.signature, "key_id": file.key_id} if file.signature else {})})
 
 
 class Applier:

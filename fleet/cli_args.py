@@ -10,7 +10,7 @@ import argparse
 import textwrap
 from typing import Any, List
 
-from . import ca_cli, state_cli
+from . import ca_cli, keys_cli, state_cli
 from .fleet import DEFAULT_CONCURRENCY
 from .state import STATE_ENV
 
@@ -95,10 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                     help="local agents to start (default 4, at least 3)")
     state_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
     ca_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
+    keys_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
     return parser
 
 
-USES_STATE = ("status", "deploy", "converge", "rollback", "ca") + state_cli.COMMANDS  # the subcommands that read or write the state file
+USES_STATE = ("status", "deploy", "converge", "rollback", "ca", "keys") + state_cli.COMMANDS  # the subcommands that read or write the state file
 
 # Each subcommand: its line in `fleet --help`, what its own --help says, and an example.
 SUBCOMMANDS = {
@@ -157,6 +158,10 @@ SUBCOMMANDS = {
            "controller, and a revocation list the agents re-read. Its folder is --ca-dir, or ca/ beside the "
            "state file.",
            "fleet ca issue raspi_main"),
+    "keys": ("release-signing keys (init)",
+             "Signed releases: deploys sign each file's name and sha256 with an Ed25519 key, and agents started "
+             "with --trusted-keys run only code a trusted key signed.",
+             "fleet keys init"),
     "demo": ("start local agents and roll the camera handler out to them",
              "Start local agents on 127.0.0.1 in a temporary folder and run the main job against them: a rollout "
              "in waves with an offline device and one that refuses, recordings, status, rollback.",
@@ -194,6 +199,9 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="when the rollout halts, put every device it changed back to its previous version")
     p.add_argument("--no-probation", action="store_true",
                    help="do not let agents roll the new code back by themselves if it keeps failing at first")
+    p.add_argument("--sign-key", default=None, metavar="PATH",
+                   help="sign the pushed files with this release key (default $PIFLEET_SIGN_KEY, or keys/release.key "
+                        "beside the state file if it exists; without one, pushes go unsigned)")
     p.add_argument("--force", action="store_true",
                    help="push even to devices that quarantined this version (it killed or hung their agent "
                         "when loaded; `fleet status` lists quarantined versions)")

@@ -7,6 +7,8 @@ records nothing and changes nothing.
 from __future__ import annotations
 
 import argparse
+import os
+from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
 from . import state_cli, tables
@@ -15,6 +17,7 @@ from .converge import converge, deploy_targets, fileset_of, run_recorded
 from .fileset import FileSet, read_handlers
 from .fleet import Fleet
 from .inventory import Inventory
+from .keys import SigningKey, chosen_key
 from .results import short
 from .rollout import Rollout, RolloutPlan, RolloutReport
 from .state import StateStore
@@ -44,17 +47,26 @@ def describe(targets: Dict[str, FileSet]) -> str:
     return f"{', '.join(names)} (releases {', '.join(str(n) for n in sorted(n for n in sets if n))})"
 
 
+def signing_key(args: argparse.Namespace) -> Optional[SigningKey]:
+    key = chosen_key(getattr(args, "sign_key", None), args.state_file, os.environ)
+    if key is not None:
+        say(f"signing with release key {key.key_id} ({key.path})")
+    return key
+
+
 async def cmd_deploy(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
     files = read_handlers(args.files)
     plan = plan_from(args)
-    if plan.dry_run:  # changes nothing, the controller's records included
-        targets = {device_id: FileSet.of(files) for device_id in ids}
+    key = signing_key(args)
+    if plan.dry_run:  # changes nothing, the controller's records included (signed in memory, for signed agents)
+        signed = [replace(f, signature=key.sign(f.name, f.sha256), key_id=key.key_id) if key else f for f in files]
+        targets = {device_id: FileSet.of(signed) for device_id in ids}
         announce(describe(targets), len(ids), plan)
         report = await Rollout(fleet, targets, plan, out.progress(len(ids))).run()
         return finish(report, out)
     with StateStore(args.state_file) as store:
         message = args.message or f"fleet deploy {' '.join(f.name for f in files)}"
-        targets = deploy_targets(store, ids, files, message=message, author=state_cli.author())
+        targets = deploy_targets(store, ids, files, message=message, author=state_cli.author(), key=key)
         announce(describe(targets), len(ids), plan)
         report = await run_recorded(fleet, store, "deploy", targets, plan, out.progress(len(ids)))
     return finish(report, out)
@@ -63,15 +75,16 @@ async def cmd_deploy(fleet: Fleet, inventory: Inventory, ids: List[str], args: a
 async def cmd_converge(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace,
                        out: Output) -> int:
     plan = plan_from(args)
+    key = signing_key(args)
     with StateStore(args.state_file) as store:
         if args.watch:
             from .watch import Watch
 
-            return await Watch(fleet, store, ids, plan, retry_every=args.retry_every).run()
+            return await Watch(fleet, store, ids, plan, retry_every=args.retry_every, key=key).run()
         desired = store.desired(ids)
         say(f"converging {len(desired)} device(s) with a desired release"
             + (f" ({len(ids) - len(desired)} without one are left alone)" if len(desired) < len(ids) else ""))
-        found = await converge(fleet, store, ids, plan, out.progress(len(desired)))
+        found = await converge(fleet, store, ids, plan, out.progress(len(desired)), key=key)
     for rollout, devices in found.adopted.items():
         say(f"rollout {rollout} was interrupted: its {len(devices)} remaining device(s) were given its release")
     if found.rollout is None:
@@ -83,8 +96,9 @@ async def cmd_converge(fleet: Fleet, inventory: Inventory, ids: List[str], args:
 
 async def rollback_to_release(fleet: Fleet, ids: List[str], args: argparse.Namespace, out: Output) -> int:
     plan = plan_from(args)
+    key = signing_key(args)
     with StateStore(args.state_file) as store:
-        fileset = fileset_of(store, args.to_release)
+        fileset = fileset_of(store, args.to_release, key)
         targets = {device_id: fileset for device_id in ids}
         announce(f"{fileset.describe()}, back", len(ids), plan)
         report = await run_recorded(fleet, store, "rollback", targets, plan, out.progress(len(ids)))

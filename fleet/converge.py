@@ -26,13 +26,14 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 from .fileset import FileSet, HandlerFile
 from .fleet import Fleet, ResultCallback
+from .keys import SigningKey
 from .results import DeviceResult, Status
 from .rollout import Rollout, RolloutPlan, RolloutReport
 from .state import StateStore
 
 
 def deploy_targets(store: StateStore, ids: Sequence[str], files: Sequence[HandlerFile], *, message: str,
-                   author: str) -> Dict[str, FileSet]:
+                   author: str, key: Optional[SigningKey] = None) -> Dict[str, FileSet]:
     """Each device's release after a deploy of ``files``: its desired release with ``files`` laid over it.
 
     Devices with the same desired release share one new release; most
@@ -47,24 +48,32 @@ def deploy_targets(store: StateStore, ids: Sequence[str], files: Sequence[Handle
             contents = {name: store.content(sha) for name, sha in (store.release(base).files if base else {}).items()}
             contents.update({f.name: f.code.encode("utf-8") for f in files})
             release, _ = store.record_release(contents, message=message, author=author)
-            made[base] = fileset_of(store, release.number)
+            made[base] = fileset_of(store, release.number, key)
         targets[device_id] = made[base]
     return targets
 
 
-def fileset_of(store: StateStore, number: int) -> FileSet:
-    return FileSet.from_release(number, store.release(number).files, store.content)
+def fileset_of(store: StateStore, number: int, key: Optional[SigningKey] = None) -> FileSet:
+    """Release ``number``'s files, each with its signature (made now with ``key`` where it has none by it)."""
+    files = store.release(number).files
+    if key is not None:
+        for name, sha in files.items():
+            signed = store.signature(name, sha, prefer=key.key_id)
+            if signed is None or signed[0] != key.key_id:
+                store.add_signature(name, sha, key.key_id, key.sign(name, sha))
+    prefer = key.key_id if key is not None else None
+    return FileSet.from_release(number, files, store.content, lambda name, sha: store.signature(name, sha, prefer))
 
 
-def desired_targets(store: StateStore, ids: Iterable[str],
-                    cache: Optional[Dict[int, FileSet]] = None) -> Dict[str, FileSet]:
+def desired_targets(store: StateStore, ids: Iterable[str], cache: Optional[Dict[int, FileSet]] = None,
+                    key: Optional[SigningKey] = None) -> Dict[str, FileSet]:
     """Each device's desired release, for the devices that have one. ``cache`` keeps the releases read
     (they never change) for the next call: a watch reads each release once, not once per device."""
     cache = {} if cache is None else cache
     targets = {}
     for device_id, number in store.desired(ids).items():
         if number not in cache:
-            cache[number] = fileset_of(store, number)
+            cache[number] = fileset_of(store, number, key)
         targets[device_id] = cache[number]
     return targets
 
@@ -147,10 +156,10 @@ def outcome(report: RolloutReport) -> str:
 
 
 async def converge(fleet: Fleet, store: StateStore, ids: Sequence[str], plan: RolloutPlan,
-                   on_result: Optional[ResultCallback] = None) -> "ConvergeReport":
+                   on_result: Optional[ResultCallback] = None, key: Optional[SigningKey] = None) -> "ConvergeReport":
     """Bring each of ``ids`` that has a desired release to it, finishing interrupted rollouts first."""
     adopted = store.adopt_interrupted(by="fleet converge")
-    targets = desired_targets(store, ids)
+    targets = desired_targets(store, ids, key=key)
     unmanaged = [d for d in ids if d not in targets]
     report = await run_recorded(fleet, store, "converge", targets, plan, on_result) if targets else None
     return ConvergeReport(report, adopted, unmanaged)

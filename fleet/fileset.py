@@ -23,6 +23,8 @@ class HandlerFile:
     name: str  # e.g. camera_handlers.py
     code: str
     sha256: str
+    signature: Optional[str] = None  # base64 Ed25519 over the name and sha256 (``fleet/keys.py``)
+    key_id: Optional[str] = None  # the key that signed it
 
     @classmethod
     def of(cls, name: str, code: str) -> "HandlerFile":
@@ -44,9 +46,16 @@ class FileSet:
         return cls(tuple(by_name[name] for name in sorted(by_name)), release)
 
     @classmethod
-    def from_release(cls, number: int, files: Dict[str, str], content: Callable[[str], bytes]) -> "FileSet":
-        """The files of release ``number`` (name -> sha256), with contents from ``content(sha256)``."""
-        return cls.of((HandlerFile(name, content(sha).decode("utf-8"), sha) for name, sha in files.items()), number)
+    def from_release(cls, number: int, files: Dict[str, str], content: Callable[[str], bytes],
+                     signature: Callable[[str, str], Optional[Tuple[str, str]]] = lambda name, sha: None) -> "FileSet":
+        """The files of release ``number`` (name -> sha256), with contents from ``content(sha256)`` and
+        signatures from ``signature(name, sha256)`` -> ``(key_id, signature)``."""
+        def handler_file(name: str, sha: str) -> HandlerFile:
+            signed = signature(name, sha)
+            return HandlerFile(name, content(sha).decode("utf-8"), sha, signed[1] if signed else None,
+                               signed[0] if signed else None)
+
+        return cls.of((handler_file(name, sha) for name, sha in files.items()), number)
 
     @property
     def names(self) -> Tuple[str, ...]:

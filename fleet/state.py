@@ -18,6 +18,7 @@ system crash or a power cut may lose the last few, never corrupt the file.)
     rollout_targets each device a rollout means to change: the release it takes it to, and the desired
                     release it had before (so a halt can put it back, and a converge can finish the job)
     desired         the release each device should run, and the rollout that set it
+    signatures      each handler file version's signatures (name and sha256, by release-signing key)
 
 A rollout in progress holds a lock (``<state>.locks/rollout-N``, ``flock``):
 a rollout with no outcome whose lock nobody holds was interrupted, and
@@ -66,6 +67,10 @@ MIGRATIONS: Tuple[Tuple[str, ...], ...] = (
         "release INTEGER NOT NULL REFERENCES releases(number), previous INTEGER, PRIMARY KEY (rollout, device))",
         "CREATE TABLE desired (device TEXT PRIMARY KEY, release INTEGER NOT NULL REFERENCES releases(number), "
         "set_at REAL NOT NULL, rollout INTEGER REFERENCES rollouts(id))",
+    ),
+    (
+        "CREATE TABLE signatures (name TEXT NOT NULL, sha256 TEXT NOT NULL, key_id TEXT NOT NULL, "
+        "signature TEXT NOT NULL, made REAL NOT NULL, PRIMARY KEY (name, sha256, key_id))",
     ),
 )
 
@@ -189,6 +194,19 @@ class StateStore:
             known.setdefault((name, sha), set()).add(number)
             files.setdefault(number, {})[name] = sha
         return known, files
+
+    # Signatures
+
+    def add_signature(self, name: str, sha256: str, key_id: str, signature: str) -> None:
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO signatures VALUES (?, ?, ?, ?, ?)",
+                             (name, sha256, key_id, signature, time.time()))
+
+    def signature(self, name: str, sha256: str, prefer: Optional[str] = None) -> Optional[Tuple[str, str]]:
+        """``(key_id, signature)`` of a version: by the ``prefer`` key if it signed it, else the newest."""
+        rows = self._db.execute("SELECT key_id, signature FROM signatures WHERE name = ? AND sha256 = ? "
+                                "ORDER BY key_id = ? DESC, made DESC LIMIT 1", (name, sha256, prefer)).fetchall()
+        return (rows[0][0], rows[0][1]) if rows else None
 
     # Desired state
 

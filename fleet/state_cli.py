@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import socket
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
+from .keys import chosen_key
 from .results import short
 from .rollout import read_handler
 from .state import Release, RolloutRecord, StateStore
@@ -35,6 +37,9 @@ def add_commands(sub: Any, make: Any, parents: List[argparse.ArgumentParser]) ->
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     create.add_argument("files", nargs="+", metavar="FILE", help="handler files, e.g. handlers/camera_handlers.py")
     create.add_argument("-m", "--message", required=True, help="what this release is for")
+    create.add_argument("--sign-key", default=None, metavar="PATH",
+                        help="sign its files with this release key (default $PIFLEET_SIGN_KEY, or keys/release.key "
+                             "beside the state file if it exists)")
     show = actions.add_parser("show", parents=parents, help="the files of one release", description="Show one release: its files "
                               "and their versions, its message, who made it and when.",
                               epilog="Example:\n  fleet release show 3", formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,6 +65,10 @@ def run(args: argparse.Namespace, store: StateStore, emit: Emit) -> int:
         files = dict(read_handler(Path(path)) for path in args.files)
         release, created = store.record_release({name: code.encode("utf-8") for name, code in files.items()},
                                                 message=args.message, author=author())
+        key = chosen_key(args.sign_key, args.state_file, os.environ)
+        if key is not None:
+            for name, sha in release.files.items():
+                store.add_signature(name, sha, key.key_id, key.sign(name, sha))
         summary = (f"release {release.number}: {len(release.files)} file(s)" if created else
                    f"release {release.number} already holds exactly these files; nothing new was made")
         emit({"release": as_dict(release), "created": created}, lines([summary]) + "\n" + show_text(release))

@@ -23,6 +23,7 @@ from .cli_common import EXIT_OK, say
 from .converge import desired_targets, run_recorded
 from .fileset import FileSet
 from .fleet import Fleet, ResultCallback
+from .keys import SigningKey
 from .results import DeviceResult, Status
 from .rollout import RolloutPlan
 from .state import StateStore
@@ -36,13 +37,15 @@ class Watch:
     (default: a line on stderr for each one that was not already on its release)."""
 
     def __init__(self, fleet: Fleet, store: StateStore, ids: List[str], plan: RolloutPlan, *,
-                 retry_every: float = 1.0, on_result: Optional[ResultCallback] = None) -> None:
+                 retry_every: float = 1.0, on_result: Optional[ResultCallback] = None,
+                 key: Optional[SigningKey] = None) -> None:
         if retry_every <= 0:
             from .errors import ConfigError
 
             raise ConfigError("--retry-every must be a positive number of seconds")
         self.fleet, self.store, self.ids, self.plan = fleet, store, ids, plan
         self.retry_every = retry_every
+        self.key = key  # signs what it pushes, where a file has no signature by it yet
         self.pending: Set[str] = set()
         self.wake = asyncio.Event()
         self.stopping = False
@@ -109,7 +112,7 @@ class Watch:
         self.pending.clear()
         if not batch:
             return
-        targets = desired_targets(self.store, batch, self.releases)
+        targets = desired_targets(self.store, batch, self.releases, self.key)
         await run_recorded(self.fleet, self.store, "converge", targets, self.plan, self.on_result, record_idle=False)
 
     @staticmethod

@@ -20,7 +20,7 @@ async def test_modules_load_at_start_from_both_export_styles(start_agent, connec
     status = await client.call("get_status")
     (module,) = status["modules"]
     assert module["file"] == "basic.py" and len(module["sha256"]) == 64 and "add" in module["commands"]
-    assert status["deploy_features"] == ["if_version", "to_version", "force", "release"]  # what a controller may rely on
+    assert status["deploy_features"] == ["if_version", "to_version", "force", "release", "signature"]  # what a controller may rely on
     disk = status["disk"]
     assert 0 < disk["free_bytes"] <= disk["total_bytes"]
     assert abs(disk["free_bytes"] - shutil.disk_usage(agent.config.root).free) < 64 * 1024 * 1024
