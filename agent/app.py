@@ -114,6 +114,7 @@ class Agent:
         d.add_builtin("delete_handler", self.deploy.delete_handler)
         d.add_builtin("list_backups", self.deploy.list_backups)
         d.add_builtin("update_log", self.deploy.update_log)
+        d.add_builtin("update_crl", self.update_crl)
         self.registry.reserve(d.builtin_names)
 
     # Lifecycle
@@ -135,9 +136,10 @@ class Agent:
     def _tls_context(self) -> "Optional[ssl.SSLContext]":
         if self.config.tls is None:
             return None
-        from .tls import ServerTLS  # the ssl module only when TLS is on
+        from .tls import ServerTLS, not_a_controller
 
         self.tls = ServerTLS(self.config.tls)
+        self.server.tls_role_check = not_a_controller
         return self.tls.context
 
     async def _report_isolation(self) -> None:
@@ -168,6 +170,13 @@ class Agent:
 
     def ping(self, request: Request) -> Dict[str, Any]:
         return {"type": "pong", "message": "pong"}
+
+    async def update_crl(self, request: Request) -> Dict[str, Any]:
+        """A new TLS revocation list from the controller (``fleet ca revoke``, then a deploy or converge)."""
+        from .tls import replace_crl
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._work_pool, replace_crl, self.tls, request.args.get("crl"))
 
     def get_status(self, request: Request) -> Dict[str, Any]:
         registry = self.registry

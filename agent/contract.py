@@ -66,6 +66,12 @@ def key_id(raw_public_key: bytes) -> str:
     return hashlib.sha256(raw_public_key).hexdigest()[:16]
 
 
+# TLS roles: the organizational unit of a certificate's subject says what it is for. An agent accepts only
+# controllers as clients, so the certificate of a lost or stolen Pi cannot push code to the other Pis.
+CONTROLLER_ROLE = "pifleet controller"
+DEVICE_ROLE = "pifleet device"
+
+
 # The line pi-agent prints once it accepts connections: "pi-agent 0.1.0 listening on 127.0.0.1:3000 (...)"
 LISTENING = "listening on"
 

@@ -26,7 +26,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Any, Deque, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Deque, Optional, Set, Tuple, Union
 
 if TYPE_CHECKING:
     import ssl  # only for the annotation: the agent imports ssl only when TLS is on
@@ -79,6 +79,14 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport = transport
         self.peer = transport.get_extra_info("peername")
         server = self._server
+        if server.tls_role_check is not None:
+            refusal = server.tls_role_check(transport)
+            if refusal is not None:  # counted with failed logins: summarised in the log, never a line each
+                server.login_failed(self.peer)
+                log.debug("%s from %s", refusal, self.peer)
+                self._closed = True
+                transport.abort()
+                return
         if len(server.connections) >= server.max_connections and not server.closing:
             server.make_room()
         if len(server.connections) >= server.max_connections or server.closing:
@@ -299,6 +307,7 @@ class AgentServer:
         self._server: Optional[asyncio.AbstractServer] = None
         self._sweeper: Optional[asyncio.TimerHandle] = None
         self._closed_since_sweep: Counter = Counter()
+        self.tls_role_check: Optional[Callable[[asyncio.Transport], Optional[str]]] = None  # set with TLS on
 
     # Admission (see ``admission``)
 

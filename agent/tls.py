@@ -20,7 +20,10 @@ import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
+
+from .contract import CONTROLLER_ROLE
+from .errors import BadRequest
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +96,48 @@ class ServerTLS:
             connection.context = self._current
 
 
-def peer_name(transport: object) -> Optional[str]:
-    """The common name of the client's certificate on a TLS connection, for the log; None on plain TCP."""
-    get = getattr(transport, "get_extra_info", None)
-    cert = get("peercert") if get is not None else None
-    if not cert:
+CRL_MARK = "-----BEGIN X509 CRL-----"
+
+
+def replace_crl(tls: Optional["ServerTLS"], pem: object) -> Dict[str, Any]:
+    """``update_crl``: write a new revocation list over ``--tls-crl`` (whole or not at all), if it parses.
+
+    The next handshake reads it (``ServerTLS._on_hello``). It is checked the
+    way it will be used: a context is built from the files with it first, so a
+    list that OpenSSL cannot read never replaces a good one.
+    """
+    if tls is None or tls.files.crl is None:
+        raise BadRequest("this agent takes no revocation list: start it with --tls-cert/--tls-key/--tls-ca and "
+                         "--tls-crl FILE to have one")
+    if not isinstance(pem, str) or CRL_MARK not in pem:
+        raise BadRequest("'crl' must be a PEM revocation list (from `fleet ca revoke`)")
+    target = tls.files.crl
+    try:
+        old = target.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError):
+        old = None
+    if old == pem:
+        return {"crl": str(target), "changed": False}
+    candidate = target.with_name(f".{target.name}.new")
+    try:
+        candidate.write_text(pem, encoding="ascii")
+        server_context(TLSFiles(tls.files.cert, tls.files.key, tls.files.ca, candidate))
+        os.replace(candidate, target)
+    except (TLSError, OSError, UnicodeEncodeError) as exc:
+        candidate.unlink(missing_ok=True)
+        raise BadRequest(f"the revocation list was not used: {exc}") from None
+    log.warning("TLS revocation list %s replaced over the wire", target)
+    return {"crl": str(target), "changed": True}
+
+
+def not_a_controller(transport: Any) -> Optional[str]:
+    """On a TLS connection, why its client may not give commands (its certificate is not a controller's);
+    None when it may, and on plain TCP. A device's certificate is for being that device, never for commanding
+    the others: whoever takes a Pi's card away gets no way into the rest of the fleet."""
+    if transport.get_extra_info("sslcontext") is None:
         return None
-    for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return None
+    subject = dict(pair for rdn in (transport.get_extra_info("peercert") or {}).get("subject", ()) for pair in rdn)
+    if subject.get("organizationalUnitName") == CONTROLLER_ROLE:
+        return None
+    return (f"a TLS client presented {subject.get('commonName', 'a certificate')!r} "
+            f"({subject.get('organizationalUnitName', 'no role')}), not a controller's certificate: closed")

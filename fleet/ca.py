@@ -13,7 +13,9 @@ Keys are ECDSA P-256: small, and a handshake on a Pi costs a fraction of an
 RSA one. A device certificate names its device id as common name and as a
 DNS subject alternative name, and may serve and connect (server and client
 auth), so a controller can check that the agent answering is the device it
-meant to reach.
+meant to reach. Each certificate's organizational unit says its role
+(``contract.CONTROLLER_ROLE`` or ``DEVICE_ROLE``): agents take commands only
+from controllers, never from another device's certificate.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.contract import CONTROLLER_ROLE, DEVICE_ROLE
 
 from .errors import ConfigError
 
@@ -98,7 +102,10 @@ class FleetCA:
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if kind == "device" else [])
         serial = x509.random_serial_number()
         cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+                .subject_name(x509.Name([
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, DEVICE_ROLE if kind == "device"
+                                       else CONTROLLER_ROLE),
+                    x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
                 .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(serial)
                 .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
                 .add_extension(x509.SubjectAlternativeName([x509.DNSName(device_id)]), critical=False)

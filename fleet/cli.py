@@ -78,7 +78,7 @@ async def cmd_rollback(fleet: Fleet, inventory: Inventory, ids: List[str], args:
     if args.to_release is not None:
         if args.backup:
             raise ConfigError("--backup goes with a handler file, not with --to-release")
-        return await cli_rollouts.rollback_to_release(fleet, ids, args, out)
+        return await cli_rollouts.rollback_to_release(fleet, inventory, ids, args, out)
     command: Dict[str, Any] = {"command": "rollback_handler", "filename": args.file}
     if args.backup:
         command["backup"] = args.backup

@@ -18,7 +18,7 @@ from .fileset import FileSet, read_handlers
 from .fleet import Fleet
 from .inventory import Inventory
 from .keys import SigningKey, chosen_key
-from .results import short
+from .results import Status, short
 from .rollout import Rollout, RolloutPlan, RolloutReport
 from .state import StateStore
 from .text import lines
@@ -54,6 +54,22 @@ def signing_key(args: argparse.Namespace) -> Optional[SigningKey]:
     return key
 
 
+async def push_revocations(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace) -> None:
+    """Before a rollout: give the TLS devices the fleet CA's revocation list (``fleet ca revoke``), if there is one
+    beside the state file; each agent takes it only if it differs from its own."""
+    crl = args.state_file.parent / "ca" / "crl.pem"
+    tls_ids = [d for d in ids if inventory.get(d).tls is not None]
+    if not tls_ids or not crl.exists():
+        return
+    results = await fleet.send_all({"command": "update_crl", "crl": crl.read_text(encoding="ascii")}, tls_ids,
+                                   timeout=args.timeout)
+    changed = [d for d, r in results.items() if r.ok and (r.reply or {}).get("changed")]
+    refused = [f"{d} ({r.error})" for d, r in results.items() if r.status is Status.FAILED]
+    if changed or refused:
+        say(f"revocation list {crl}: new on {len(changed)} device(s)"
+            + (f"; refused by {tables.some(refused)}" if refused else ""))
+
+
 async def cmd_deploy(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace, out: Output) -> int:
     files = read_handlers(args.files)
     plan = plan_from(args)
@@ -64,6 +80,7 @@ async def cmd_deploy(fleet: Fleet, inventory: Inventory, ids: List[str], args: a
         announce(describe(targets), len(ids), plan)
         report = await Rollout(fleet, targets, plan, out.progress(len(ids))).run()
         return finish(report, out)
+    await push_revocations(fleet, inventory, ids, args)
     with StateStore(args.state_file) as store:
         message = args.message or f"fleet deploy {' '.join(f.name for f in files)}"
         targets = deploy_targets(store, ids, files, message=message, author=state_cli.author(), key=key)
@@ -81,6 +98,7 @@ async def cmd_converge(fleet: Fleet, inventory: Inventory, ids: List[str], args:
             from .watch import Watch
 
             return await Watch(fleet, store, ids, plan, retry_every=args.retry_every, key=key).run()
+        await push_revocations(fleet, inventory, ids, args)
         desired = store.desired(ids)
         say(f"converging {len(desired)} device(s) with a desired release"
             + (f" ({len(ids) - len(desired)} without one are left alone)" if len(desired) < len(ids) else ""))
@@ -94,9 +112,11 @@ async def cmd_converge(fleet: Fleet, inventory: Inventory, ids: List[str], args:
     return finish(found.rollout, out, {"unmanaged": found.unmanaged, "adopted": found.adopted})
 
 
-async def rollback_to_release(fleet: Fleet, ids: List[str], args: argparse.Namespace, out: Output) -> int:
+async def rollback_to_release(fleet: Fleet, inventory: Inventory, ids: List[str], args: argparse.Namespace,
+                              out: Output) -> int:
     plan = plan_from(args)
     key = signing_key(args)
+    await push_revocations(fleet, inventory, ids, args)
     with StateStore(args.state_file) as store:
         fileset = fileset_of(store, args.to_release, key)
         targets = {device_id: fileset for device_id in ids}

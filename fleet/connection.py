@@ -42,6 +42,7 @@ FIRST_HEARTBEAT = 2.0  # seconds after connecting, when nothing has been answere
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 RETRY_TICK = 0.05  # reconnect attempts are made on a grid of this period (see on_the_tick)
+TLS_CLOSE_GRACE = 1.0  # seconds a closing TLS connection may take to say goodbye
 
 MessageCallback = Callable[[str, Dict[str, Any]], None]
 ConnectedCallback = Callable[[str], None]
@@ -251,6 +252,7 @@ class DeviceConnection:
             self.last_error = exc.strerror or str(exc)
             raise DeviceUnreachable(self.device.id, f"{self.device.address}: {self.last_error}") from None
         if transport.is_closing():  # closed as soon as it opened: over TLS, the agent refused our certificate
+            transport.abort()
             self.last_error = refusal(self.device.tls) if self.device.tls is not None else "closed as soon as it opened"
             self._tls_refused = self.device.tls is not None
             error = TLSRefused if self._tls_refused else DeviceUnreachable
@@ -436,8 +438,16 @@ class DeviceConnection:
                 await self._background
             except (asyncio.CancelledError, Exception):
                 pass
-        if self._transport is not None:
-            self._transport.close()
+        transport, lost = self._transport, self._lost
+        if transport is not None:
+            transport.close()
+            if self.device.tls is not None and lost is not None:
+                # TLS says goodbye (close_notify) before the socket goes: wait for it, briefly, so nothing is
+                # left half-closed when the event loop ends.
+                try:
+                    await asyncio.wait_for(lost.wait(), TLS_CLOSE_GRACE)
+                except asyncio.TimeoutError:
+                    transport.abort()
             self._transport = None
         if self._owns_deadlines:
             self.deadlines.close()

@@ -32,8 +32,8 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 
 _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _DEVICE_KEYS = {"id", "name", "host", "port", "type", "description", "tags", "token", "token_env", "tls", "ca",
-                "cert", "key"}
-_DEFAULT_KEYS = {"port", "token_env", "timeout", "connect_timeout", "tls", "ca", "cert", "key"}
+                "cert", "key", "crl"}
+_DEFAULT_KEYS = {"port", "token_env", "timeout", "connect_timeout", "tls", "ca", "cert", "key", "crl"}
 _TLS_FILES = ("ca", "cert", "key")  # with "tls": true, the fleet CA and this controller's certificate and key
 
 
@@ -172,7 +172,10 @@ def _tls(entry: Dict[str, Any], defaults: Dict[str, Any], where: str, base: Path
                               "defaults): the fleet CA's certificate (ca), and this controller's certificate and key "
                               "(cert, key) from `fleet ca issue-controller`")
         paths[name] = base / Path(value).expanduser()
-    return ClientTLS(paths["ca"], paths["cert"], paths["key"])
+    crl = entry.get("crl", defaults.get("crl"))
+    if crl is not None and (not isinstance(crl, str) or not crl):
+        raise ConfigError(f"{where}: field 'crl' must name the fleet CA's revocation list (crl.pem)")
+    return ClientTLS(paths["ca"], paths["cert"], paths["key"], base / Path(crl).expanduser() if crl else None)
 
 
 def _device(entry: Dict[str, Any], defaults: Dict[str, Any], where: str, environ: Mapping[str, str],

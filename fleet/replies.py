@@ -107,6 +107,7 @@ STATUS = {
     "quarantine": ListOf(Obj({"file": TEXT, "version": TEXT, "reason": TEXT, "time": NUMBER})),
     "disk": Opt(Obj({"free_bytes": COUNT, "total_bytes": COUNT})),
     "isolation": Opt(Obj({"active": DictOf(TEXT), "missing": DictOf(TEXT)})),
+    "signatures": Obj({"required": FLAG, "trusted_keys": TEXTS}),
 }
 SHAPES: Dict[str, Obj] = {
     "get_status": Obj({**COMMON, **STATUS}),
@@ -122,6 +123,7 @@ SHAPES: Dict[str, Obj] = {
          "outcome": TEXT, "reason": TEXT, "backup": TEXT, "commands": TEXTS},
         required=("action", "file")))}),
     "list_commands": Obj({**COMMON, "commands": TEXTS, "builtin": TEXTS, "handlers": DictOf(TEXT)}),
+    "update_crl": Obj({**COMMON, "crl": TEXT, "changed": FLAG}),
 }
 ANY_COMMAND = Obj(COMMON)  # a handler's reply: only what every reply carries
 

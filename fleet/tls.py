@@ -24,11 +24,21 @@ class ClientTLS:
     ca: Path  # the fleet CA's certificate
     cert: Path  # this controller's certificate
     key: Path  # and its key
+    crl: Optional[Path] = None  # revoked certificates: a lost Pi's certificate must not pass for that Pi
+
+
+def client_context(tls: ClientTLS) -> ssl.SSLContext:
+    """One context per set of files, shared by every connection that uses them; made again when the
+    revocation list changes (a long-running ``converge --watch`` sees a revocation at its next connection)."""
+    try:
+        stamp = tls.crl.stat().st_mtime_ns if tls.crl is not None else None
+    except OSError:
+        stamp = None
+    return _context(tls, stamp)
 
 
 @functools.lru_cache(maxsize=16)
-def client_context(tls: ClientTLS) -> ssl.SSLContext:
-    """One context per set of files, shared by every connection that uses them."""
+def _context(tls: ClientTLS, crl_stamp: Optional[int]) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = False  # the device id is checked instead (``wrong_device``): ids need not be DNS names
@@ -42,6 +52,12 @@ def client_context(tls: ClientTLS) -> ssl.SSLContext:
             raise ConfigError(f"TLS {what}: {path} not found (`fleet ca issue-controller` writes them)") from None
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"TLS {what}: cannot use {path}: {exc}") from None
+    if tls.crl is not None:
+        try:
+            context.load_verify_locations(cafile=str(tls.crl))
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"TLS revocation list: cannot use {tls.crl}: {exc}") from None
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return context
 
 
@@ -67,6 +83,8 @@ def identity_problem(transport: Any, device_id: str) -> Optional[str]:
 def explain(exc: BaseException) -> str:
     """A TLS failure the controller saw itself (the agent's certificate), in words a person can act on."""
     text = str(exc)
+    if "certificate revoked" in text:
+        return f"TLS refused: the agent's certificate has been revoked (`fleet ca revoke`): a lost or stolen Pi? ({text})"
     if "CERTIFICATE_VERIFY_FAILED" in text.upper():
         return f"TLS refused: the agent's certificate is not from this fleet's CA, or has expired ({text})"
     if "WRONG_VERSION_NUMBER" in text.upper():

@@ -51,7 +51,7 @@ def test_the_project_devices_json_loads_and_points_at_loopback():
     ('{"raspberryPiDevices": [{"id": "a", "host": "h", "port": 70000}]}', "(a): 'port' must be a whole number"),
     ('{"raspberryPiDevices": [{"id": "a", "host": "h", "port": "3000"}]}', "'port' must be a whole number"),
     ('{"raspberryPiDevices": [{"id": "a", "host": "h", "port": true}]}', "'port' must be a whole number"),
-    ('{"raspberryPiDevices": [{"id": "a", "host": "h", "prot": 1}]}', "unknown field(s) prot (known: ca, cert, description, host, id, key, name, port,"),
+    ('{"raspberryPiDevices": [{"id": "a", "host": "h", "prot": 1}]}', "unknown field(s) prot (known: ca, cert, crl, description, host, id, key, name, port,"),
     ('{"raspberryPiDevices": [{"id": "a", "host": "h", "tags": "cams"}]}', "field 'tags' must be a list"),
     ('{"raspberryPiDevices": [{"id": "a b", "host": "h"}]}', "'id' must be 1-64 letters"),
     ('{"raspberryPiDevices": [{"id": "a", "host": ""}]}', "'host' must be"),

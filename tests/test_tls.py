@@ -1,6 +1,7 @@
 """Mutual TLS over real sockets: the fleet CA's certificates, the agent's checks, and the controller's."""
 
 import datetime
+import json
 import os
 from pathlib import Path
 
@@ -164,3 +165,54 @@ def test_the_inventory_names_tls_files_per_device_or_in_defaults_relative_to_its
     path.write_text('{"raspberryPiDevices": [{"id": "d0", "host": "10.0.0.5", "tls": true, "ca": "ca.crt"}]}')
     with pytest.raises(FleetConfigError, match="with \"tls\": true, 'cert' must name a file"):
         load_inventory(path)
+
+
+async def test_a_devices_certificate_cannot_command_another_device(start_agent, pki):
+    agent = await start_agent(handlers={"mark": MARK}, tls=pki.agent_files("d0"))
+    d1 = pki.devices["d1"]  # the certificate on a Pi someone took away
+    async with Fleet([tls_device(agent, "d0", ClientTLS(pki.ca.cert_path, d1.cert, d1.key))]) as fleet:
+        result = (await fleet.send_all({"command": "mark"}))["d0"]
+    assert result.status is Status.FAILED and result.code == "tls_failed", result
+    assert not (agent.config.root / "marked").exists()
+
+
+def test_the_whole_path_from_ca_init_to_a_lost_pi_over_the_command_line(tmp_path, agents, capsys):
+    """The README's steps: a CA, a certificate per Pi, the three files on the Pi, devices.json; then a Pi is lost."""
+    from fleet.cli import main
+
+    devices = tmp_path / "devices.json"
+    devices.write_text('{"raspberryPiDevices": []}')
+    assert main(["-d", str(devices), "ca", "init"]) == 0
+    assert main(["-d", str(devices), "ca", "issue-controller", "laptop"]) == 0
+    ca = tmp_path / ".pifleet" / "ca"
+    entries = []
+    for device_id in ("d0", "d1"):
+        assert main(["-d", str(devices), "ca", "issue", device_id, "--out", str(tmp_path / "usb" / device_id)]) == 0
+        pi = tmp_path / "usb" / device_id  # what is copied to the Pi: three files, and the revocation list
+        (pi / "crl.pem").write_bytes((ca / "crl.pem").read_bytes())
+        agent = agents.start(device_id, extra=["--host", "127.0.0.1", "--tls-cert", str(pi / "device.crt"),
+                                               "--tls-key", str(pi / "device.key"), "--tls-ca", str(pi / "ca.crt"),
+                                               "--tls-crl", str(pi / "crl.pem")])
+        entries.append({"id": device_id, "host": "127.0.0.1", "port": agent.device.port})
+    controller = ca / "issued" / "laptop"
+    devices.write_text(json.dumps({"defaults": {"tls": True, "ca": str(controller / "ca.crt"),
+                                                "cert": str(controller / "controller.crt"),
+                                                "key": str(controller / "controller.key"),
+                                                "crl": str(ca / "crl.pem")},
+                                   "raspberryPiDevices": entries}))
+    capsys.readouterr()
+    assert main(["-d", str(devices), "status", "--json"]) == 0
+    assert [d["state"] for d in json.loads(capsys.readouterr()[0])["devices"]] == ["unmanaged", "unmanaged"]
+
+    # d1 is lost: revoke it. The controller stops trusting that certificate at once; the next deploy gives
+    # every agent the new list, so the lost Pi's certificate cannot command the others either.
+    assert main(["-d", str(devices), "ca", "revoke", "d1"]) == 0
+    (tmp_path / "ver.py").write_text(V1)
+    capsys.readouterr()
+    assert main(["-d", str(devices), "deploy", str(tmp_path / "ver.py"), "--max-failures", "1", "--json"]) == 1
+    out, err = capsys.readouterr()
+    results = {d["device"]: d for d in json.loads(out)["devices"]}
+    assert results["d0"]["status"] == "OK"
+    assert results["d1"]["code"] == "tls_failed" and "has been revoked" in results["d1"]["error"]
+    assert "revocation list" in err and "new on 1 device(s)" in err
+    assert (tmp_path / "usb" / "d0" / "crl.pem").read_bytes() == (ca / "crl.pem").read_bytes()
