@@ -25,7 +25,8 @@ from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Seq
 from agent import contract
 from agent.protocol import encode_shared_request
 
-from .connection import Deadlines, DeviceConnection, MessageCallback
+from .connection import DeviceConnection, MessageCallback
+from .deadlines import Deadlines
 from .errors import CommandTimeout, DeviceError, DeviceUnreachable, UnknownDevice
 from .inventory import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_TOKEN_ENV, Device, Inventory
 from .results import DeviceResult, Status

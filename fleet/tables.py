@@ -8,8 +8,7 @@ from the same data.
 from __future__ import annotations
 
 import time
-from collections import Counter
-from typing import Any, Dict, List, Optional, Sequence, Set
+from typing import Any, Dict, List, Optional, Sequence
 
 from .results import DeviceResult, Status, short
 from .text import grid, lines, visible

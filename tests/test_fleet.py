@@ -397,7 +397,7 @@ async def test_a_push_that_timed_out_is_checked_and_undone_if_it_landed_after_al
     row = table.splitlines()[2]
     assert row.startswith("d0") and len(row) <= 120
     # The table shows both, the detail cut short in its row and whole under the table.
-    assert f"d0: no reply to 'update_handler' within 0.5 s" in table and result.note in table.split("\n\n")[1]
+    assert "d0: no reply to 'update_handler' within 0.5 s" in table and result.note in table.split("\n\n")[1]
     if lands:
         assert result.status is Status.ROLLED_BACK and result.note == f"the push had landed after all; rolled back to {sha(V1)[:8]}"
     else:
