@@ -119,6 +119,8 @@ class FleetCA:
         _write(issued.key, _key_pem(key), 0o600)
         _write(issued.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         _write(issued.ca, self.cert_path.read_bytes(), 0o644)
+        if kind == "device":  # the Pi's --tls-crl starts as the list of today
+            _write(out / "crl.pem", self.crl_path.read_bytes(), 0o644)
         index.append({"name": device_id, "kind": kind, "serial": str(serial), "not_after": cert.not_valid_after_utc
                       .isoformat(), "revoked": False})
         self._save_index(index)

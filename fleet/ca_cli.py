@@ -63,9 +63,10 @@ def run(args: argparse.Namespace, emit: Emit) -> int:
         issued = ca.issue(name, out, days=args.days, kind="device" if device else "controller")
         document = {"name": name, "cert": str(issued.cert), "key": str(issued.key), "ca": str(issued.ca),
                     "serial": str(issued.serial)}
-        emit(document, lines([f"wrote {issued.cert}, {issued.key} (mode 0600) and {issued.ca}"] + (
-            [f"copy the three to the Pi (e.g. /etc/pi-agent/) and start pi-agent with --tls-cert {issued.cert.name} "
-             f"--tls-key {issued.key.name} --tls-ca {issued.ca.name} (and --tls-crl crl.pem)",
+        emit(document, lines([f"wrote {issued.cert}, {issued.key} (mode 0600) and {issued.ca}"
+                              + (", and crl.pem" if device else "")] + (
+            [f"copy them to the Pi (README: 'A secure wire') and start pi-agent with --tls-cert {issued.cert.name} "
+             f"--tls-key {issued.key.name} --tls-ca {issued.ca.name} --tls-crl crl.pem",
              f"in devices.json, give {name} \"tls\": true (with ca, cert and key: see `fleet ca issue-controller`)"]
             if device else
             [f"in devices.json \"defaults\": \"tls\": true, \"ca\": \"{issued.ca}\", \"cert\": \"{issued.cert}\", "

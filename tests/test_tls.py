@@ -189,7 +189,7 @@ def test_the_whole_path_from_ca_init_to_a_lost_pi_over_the_command_line(tmp_path
     for device_id in ("d0", "d1"):
         assert main(["-d", str(devices), "ca", "issue", device_id, "--out", str(tmp_path / "usb" / device_id)]) == 0
         pi = tmp_path / "usb" / device_id  # what is copied to the Pi: three files, and the revocation list
-        (pi / "crl.pem").write_bytes((ca / "crl.pem").read_bytes())
+        assert (pi / "crl.pem").read_bytes() == (ca / "crl.pem").read_bytes()
         agent = agents.start(device_id, extra=["--host", "127.0.0.1", "--tls-cert", str(pi / "device.crt"),
                                                "--tls-key", str(pi / "device.key"), "--tls-ca", str(pi / "ca.crt"),
                                                "--tls-crl", str(pi / "crl.pem")])
