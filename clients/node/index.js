@@ -7,12 +7,16 @@
  * by id), every request has a timeout, connections reconnect with backoff and
  * jitter, a heartbeat ping notices dead links, the token is added to every
  * request, and replies nobody awaits (and agent events) go to onMessage.
+ * With `tls: {ca, cert, key}` on a device, it speaks mutual TLS and requires
+ * the agent's certificate to name that device id, as the Python controller does.
  *
  * No dependencies: Node.js 18 or newer.
  */
 
 const net = require('node:net');
+const tls = require('node:tls');
 const fs = require('node:fs');
+const path = require('node:path');
 const { EventEmitter } = require('node:events');
 
 const DEFAULTS = Object.freeze({
@@ -31,7 +35,9 @@ class PiFleetError extends Error {
     super(`${raspiId}: ${message}`);
     this.name = 'PiFleetError';
     this.raspiId = raspiId;
-    this.code = code; // 'timeout', 'unreachable', 'connection_lost', 'not_connected', 'protocol_error', or the agent's code
+    // 'timeout', 'unreachable', 'connection_lost', 'not_connected', 'protocol_error', 'tls_failed',
+    // 'wrong_device', or the agent's code
+    this.code = code;
     if (reply !== undefined) this.reply = reply;
   }
 }
@@ -54,6 +60,7 @@ class Connection {
     this.reconnectTimer = null;
     this.heartbeatTimer = null;
     this.lastReplyAt = 0;
+    this.openedAt = 0;
   }
 
   connect() {
@@ -61,7 +68,12 @@ class Connection {
     if (this.connecting) return this.connecting;
     this.closed = false;
     this.connecting = new Promise((resolve, reject) => {
-      const socket = net.createConnection({ host: this.config.host, port: this.config.port });
+      const secure = this.config.tls;
+      const where = { host: this.config.host, port: this.config.port };
+      const socket = secure
+        ? tls.connect({ ...where, ca: secure.ca, cert: secure.cert, key: secure.key, servername: '',
+          minVersion: 'TLSv1.2', checkServerIdentity: (host, cert) => this.checkIdentity(cert) })
+        : net.createConnection(where);
       socket.setNoDelay(true);
       const timer = setTimeout(() => {
         socket.destroy();
@@ -75,9 +87,8 @@ class Connection {
         if (!this.closed && this.options.reconnect) this.scheduleReconnect();
         reject(error);
       };
-      socket.once('error', (err) => fail(new PiFleetError(this.config.id, 'unreachable',
-        `${this.config.host}:${this.config.port}: ${err.code || err.message}`)));
-      socket.once('connect', () => {
+      socket.once('error', (err) => fail(this.connectError(err)));
+      socket.once(secure ? 'secureConnect' : 'connect', () => {
         clearTimeout(timer);
         socket.removeAllListeners('error');
         this.attach(socket);
@@ -88,9 +99,40 @@ class Connection {
     return this.connecting;
   }
 
+  /** Over TLS: the agent's certificate must name this device id (a DNS subject alternative name). */
+  checkIdentity(cert) {
+    const names = String(cert.subjectaltname || '').split(', ').filter((n) => n.startsWith('DNS:')).map((n) => n.slice(4));
+    if (names.includes(this.config.id)) return undefined;
+    const error = new Error(`the agent there presented a certificate for ${names.join(', ') || 'nothing'}, ` +
+      `not ${this.config.id}: a device cannot answer for another`);
+    error.code = 'WRONG_DEVICE';
+    return error;
+  }
+
+  /** Why a connection could not be made, in words, naming the device: unreachable, or a TLS refusal. */
+  connectError(err) {
+    const id = this.config.id;
+    const address = `${this.config.host}:${this.config.port}`;
+    if (err.code === 'WRONG_DEVICE') return new PiFleetError(id, 'wrong_device', `${address}: ${err.message}`);
+    if (this.config.tls && /CERT|SSL|TLS|SELF_SIGNED|VERIFY/.test(String(err.code))) {
+      return new PiFleetError(id, 'tls_failed', `${address}: TLS refused: the agent's certificate is not from ` +
+        `this fleet's CA, has expired or was revoked (${err.code}: ${err.message})`);
+    }
+    const reasons = {
+      ECONNREFUSED: 'connection refused (is pi-agent running there, on this port?)',
+      EHOSTUNREACH: 'no route to the host (is it on the network?)',
+      ENETUNREACH: 'no route to the network',
+      ETIMEDOUT: 'the connection timed out (is the device up?)',
+      ENOTFOUND: 'no such host name',
+    };
+    const reason = reasons[err.code] || `${err.code || ''} ${err.message}`.trim();
+    return new PiFleetError(id, 'unreachable', `unreachable: ${address}: ${reason}`);
+  }
+
   attach(socket) {
     this.socket = socket;
     this.connected = true;
+    this.openedAt = Date.now();
     this.lastError = null;
     this.attempt = 0;
     this.partial = [];
@@ -169,11 +211,17 @@ class Connection {
     this.connected = false;
     this.socket = null;
     this.stopHeartbeat();
+    // A TLS connection closed before a single reply: the agent refused this client's certificate (with TLS 1.3
+    // it checks it after the handshake has completed on our side), and nothing ran.
+    const refused = this.config.tls && this.lastReplyAt < this.openedAt;
     for (const [id, waiter] of this.pending) {
       clearTimeout(waiter.timer);
       // Sent, never answered: the device may or may not have run it (the Python controller says the same).
-      waiter.reject(new PiFleetError(this.config.id, 'connection_lost',
-        `${this.lastError || 'connection closed'} before it answered (it may or may not have run the request)`));
+      waiter.reject(refused
+        ? new PiFleetError(this.config.id, 'tls_failed', `${this.config.host}:${this.config.port}: TLS refused: ` +
+          "the agent refused this client's certificate (from another CA, expired, or revoked); nothing ran")
+        : new PiFleetError(this.config.id, 'connection_lost',
+          `${this.lastError || 'connection closed'} before it answered (it may or may not have run the request)`));
       this.pending.delete(id);
     }
     if (wasConnected) this.fleet.emit('disconnected', this.config.id);
@@ -379,8 +427,23 @@ function loadDevices(path, env = process.env) {
     if (!Number.isInteger(port) || port < 1 || port > 65535) throw new Error(`${where}: 'port' must be 1-65535`);
     const tokenEnv = entry.token_env || defaults.token_env || 'PI_AGENT_TOKEN';
     const token = entry.token || env[tokenEnv] || undefined;
-    return { ...entry, port, token };
+    return { ...entry, port, token, tls: tlsFiles(entry, defaults, where, path) };
   });
+}
+
+/** `"tls": true` with `ca`, `cert`, `key` paths (the entry's or defaults', relative to devices.json): their contents. */
+function tlsFiles(entry, defaults, where, inventoryPath) {
+  const enabled = entry.tls !== undefined ? entry.tls : defaults.tls;
+  if (!enabled) return undefined;
+  const files = {};
+  for (const name of ['ca', 'cert', 'key']) {
+    const value = entry[name] || defaults[name];
+    if (typeof value !== 'string' || !value) {
+      throw new Error(`${where}: with "tls": true, '${name}' must name a file (in the entry or in defaults)`);
+    }
+    files[name] = fs.readFileSync(path.resolve(path.dirname(inventoryPath), value));
+  }
+  return files;
 }
 
 module.exports = { PiFleetClient, PiFleetError, loadDevices, DEFAULTS };
