@@ -26,6 +26,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Union
 
+from .contract import json_type
 from .errors import BadRequest, InvalidJSON, TooLarge
 
 # Limits
@@ -262,21 +263,6 @@ def parse_request(line: bytes) -> Request:
     return Request(command=command.lower(), args=obj, id=request_id, has_id=has_id)
 
 
-def json_type(value: Any) -> str:
-    """A JSON value's kind as a message names it: ``a string``, ``an object``, ``null``."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def finish_reply(reply: Dict[str, Any], request_id: RequestId = None, has_id: bool = False) -> Dict[str, Any]:
