@@ -5,12 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 NODE   := $(shell command -v node 2>/dev/null)
 
-.PHONY: help demo test test-types test-python test-agent-py39 test-node bench clean
+.PHONY: help demo test test-types test-python test-agent-py39 test-node bench agent-bundle clean
 
 help:
 	@echo "make demo   set up .venv if needed, then roll a handler out to local agents"
 	@echo "make test   set up .venv if needed, then run every test (Python, and Node.js if present)"
 	@echo "make bench  run the benchmarks in bench/ (prints figures, takes a few minutes)"
+	@echo "make agent-bundle  build dist/pi-agent-VERSION.pyz and dist/pi-agent_VERSION_all.deb"
 	@echo "make clean  remove .venv and caches"
 
 $(STAMP): pyproject.toml
@@ -50,6 +51,10 @@ else
 	else echo "no Node.js tests yet"; fi
 endif
 
+# The agent for Pis without internet: dist/pi-agent-VERSION.pyz and dist/pi-agent_VERSION_all.deb
+agent-bundle: $(STAMP)
+	$(BIN)/python -m fleet agent bundle --out dist
+
 bench: $(STAMP)
 	$(BIN)/python bench/agent_throughput.py
 	$(BIN)/python bench/deploy_latency.py
@@ -58,5 +63,5 @@ bench: $(STAMP)
 	$(BIN)/python bench/converge.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

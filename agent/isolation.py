@@ -15,9 +15,11 @@ second process.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import pkgutil
 import selectors
 import subprocess
 import sys
@@ -25,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,29 @@ class ImportResult:
 
 class HelperFailed(RuntimeError):
     """The helper process itself died or stopped answering (not the module under test)."""
+
+
+def helper_programs(agent_root: Path) -> Tuple[Path, Path, Path]:
+    """The helper, the handler table and the box as files a new interpreter can run and load by path.
+
+    From a checkout or an install they are the agent's own files. An agent run
+    from one zip file (``pi-agent.pyz``, the offline bundle) copies them out of
+    it once, into ``ROOT/.state/runtime/`` under a name that changes with their
+    contents, so an upgraded agent never runs an older helper.
+    """
+    if HELPER.is_file():
+        return HELPER, HANDLER_TABLE, BOX
+    contents = {path.name: pkgutil.get_data("agent", path.name) or b"" for path in (HELPER, HANDLER_TABLE, BOX)}
+    digest = hashlib.sha256(b"".join(contents[name] for name in sorted(contents))).hexdigest()[:16]
+    folder = agent_root / ".state" / "runtime" / digest
+    for name, data in contents.items():
+        target = folder / name
+        if not target.is_file() or target.read_bytes() != data:
+            folder.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_suffix(".tmp")
+            temporary.write_bytes(data)
+            os.replace(temporary, target)
+    return folder / HELPER.name, folder / HANDLER_TABLE.name, folder / BOX.name
 
 
 class ImportTester:
@@ -132,8 +157,9 @@ class ImportTester:
         if self._proc is not None and self._proc.poll() is None:
             return self._proc
         self._stop()
+        helper, table, box = helper_programs(self.agent_root)
         proc = subprocess.Popen(
-            [sys.executable, "-I", str(HELPER)],
+            [sys.executable, "-I", str(helper)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None,  # the helper's own tracebacks belong in the agent's log
@@ -142,8 +168,8 @@ class ImportTester:
             env=HELPER_ENV,
             cwd="/",
         )
-        config = {"sys_path": [os.path.abspath(p) for p in sys.path if p], "handler_table": str(HANDLER_TABLE),
-                  "box": str(BOX), "idle_exit": self.idle_exit, "agent_root": str(self.agent_root),
+        config = {"sys_path": [os.path.abspath(p) for p in sys.path if p], "handler_table": str(table),
+                  "box": str(box), "idle_exit": self.idle_exit, "agent_root": str(self.agent_root),
                   "user": self.sandbox_user, "hide": self.hide}
         assert proc.stdin is not None
         proc.stdin.write((json.dumps(config) + "\n").encode("utf-8"))

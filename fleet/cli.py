@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from . import ca_cli, cli_rollouts, keys_cli, state_cli, status_view, tables
+from . import agent_cli, ca_cli, cli_rollouts, keys_cli, state_cli, status_view, tables
 from .cli_args import DEVICES_ENV, USES_STATE, build_parser
 from .cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Output, exit_code, parse_pairs
 from .errors import ConfigError
@@ -140,6 +140,8 @@ async def run(args: argparse.Namespace) -> int:
         from .demo import run_demo
 
         return await run_demo(agents=args.agents, as_json=args.json)
+    if args.command == "agent":  # builds files: no inventory, no devices
+        return agent_cli.run(args, Output(args.json).emit)
     path = Path(args.devices or default_devices())
     inventory = load_inventory(path)
     # Say which files: without ./devices.json the project's sample (local agents) is used, and must not be a surprise.

@@ -10,7 +10,9 @@ import argparse
 import textwrap
 from typing import Any, List
 
-from . import ca_cli, keys_cli, state_cli
+from agent import __version__
+
+from . import agent_cli, ca_cli, keys_cli, state_cli
 from .fleet import DEFAULT_CONCURRENCY
 from .state import STATE_ENV
 
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  fleet demo",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"fleet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     device_parents = [common, targets]
     _subcommand(sub, "status", device_parents).add_argument(
@@ -96,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     state_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
     ca_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
     keys_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
+    agent_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
     return parser
 
 
@@ -162,6 +166,10 @@ SUBCOMMANDS = {
              "Signed releases: deploys sign each file's name and sha256 with an Ed25519 key, and agents started "
              "with --trusted-keys run only code a trusted key signed.",
              "fleet keys init"),
+    "agent": ("the agent for Pis without internet: bundle (.pyz and .deb)",
+              "Build what a Pi needs to run the agent, from this installation: one .pyz file and a Debian "
+              "package, both with the agent only.",
+              "fleet agent bundle --out dist/"),
     "demo": ("start local agents and roll the camera handler out to them",
              "Start local agents on 127.0.0.1 in a temporary folder and run the main job against them: a rollout "
              "in waves with an offline device and one that refuses, recordings, status, rollback.",
