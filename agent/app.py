@@ -30,6 +30,7 @@ from .probation import Probation, ProbationRule
 from .protocol import Request
 from .recovery import Recovery
 from .registry import Registry
+from .root_lock import RootLock
 from .server import AgentServer
 from .store import HandlerStore
 
@@ -56,6 +57,7 @@ class Agent:
         self.address: Optional[Tuple[str, int]] = None
         self._probe: "Optional[asyncio.Future[None]]" = None
         self.tls: "Optional[ServerTLS]" = None  # with --tls-*: the listener's context, re-read on CRL changes
+        self._root_lock = RootLock(config.root)
         self._closed = False
         # Set when stuck threads pass the limit under a supervisor: the agent should exit and be restarted.
         self.restart_needed = asyncio.Event()
@@ -120,7 +122,8 @@ class Agent:
     # Lifecycle
 
     async def start(self) -> Tuple[str, int]:
-        """Probe the import test's box, recover and load the handlers, then start listening."""
+        """Claim the root, recover and load the handlers, then start listening."""
+        self._root_lock.acquire()  # RootInUse: another agent runs here
         await self.recovery.start()
         self.address = await self.server.start(self.config.host, self.config.port, tls=self._tls_context())
         # Which of the box's protections hold: known already if handlers were import-tested at start,
@@ -165,6 +168,7 @@ class Agent:
         await asyncio.get_running_loop().run_in_executor(self._work_pool, self.tester.close)
         self.dispatcher.close()
         self._work_pool.shutdown(wait=False, cancel_futures=True)
+        self._root_lock.release()
 
     # Built-in commands
 

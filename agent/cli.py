@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 from . import __version__
 from .contract import LISTENING
+from .root_lock import RootInUse
 
 if TYPE_CHECKING:
     from .tls import TLSFiles
@@ -260,6 +261,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     take_token_from_environment()
     try:
         status = asyncio.run(serve(config))
+    except RootInUse as exc:
+        print(f"pi-agent: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         if exc.filename is not None:  # a file or folder under --root, not the socket
             print(f"pi-agent: cannot use --root {config.root}: {exc.strerror or exc}: {exc.filename} "

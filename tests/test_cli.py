@@ -152,3 +152,12 @@ def test_an_unknown_sandbox_user_stops_the_agent_at_start(tmp_path):
                             timeout=30)
     assert result.returncode == 2
     assert "no user 'no-such-user-here'" in result.stderr and "--sandbox-user" in result.stderr
+
+
+async def test_a_second_agent_on_the_same_root_refuses_to_start_and_names_the_first(start_agent, connect, tmp_path):
+    first = await start_agent(root=tmp_path / "shared")
+    run = subprocess.run([sys.executable, "-m", "agent", "--port", "0", "--root", str(tmp_path / "shared")],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert f"another pi-agent (pid {os.getpid()}) already runs with --root {tmp_path / 'shared'}" in run.stderr
+    assert (await (await connect(first)).call("ping"))["success"] is True  # the first one is untouched
