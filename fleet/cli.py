@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from . import agent_cli, ca_cli, cli_rollouts, keys_cli, state_cli, status_view, tables
+from . import agent_cli, ca_cli, cli_rollouts, keys_cli, provision_cli, state_cli, status_view, tables
 from .cli_args import DEVICES_ENV, USES_STATE, build_parser
 from .cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Output, exit_code, parse_pairs
 from .errors import ConfigError
@@ -156,6 +156,11 @@ async def run(args: argparse.Namespace) -> int:
             return state_cli.run(args, store, Output(args.json).emit)
     if args.command == "ca":
         return ca_cli.run(args, Output(args.json).emit)
+    if args.command == "provision":
+        if sample:
+            raise ConfigError("provisioning writes to the inventory, and this is the project's sample: copy "
+                              f"{REPO_DEVICES} to ./devices.json (or give -d PATH) first")
+        return provision_cli.run(args, path, Output(args.json).emit)
     if args.command == "keys":
         return keys_cli.run(args, Output(args.json).emit)
     if args.timeout is not None and args.timeout <= 0:

@@ -12,7 +12,7 @@ from typing import Any, List
 
 from agent import __version__
 
-from . import agent_cli, ca_cli, keys_cli, state_cli
+from . import agent_cli, ca_cli, keys_cli, provision_cli, state_cli
 from .fleet import DEFAULT_CONCURRENCY
 from .state import STATE_ENV
 
@@ -100,10 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     ca_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
     keys_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
     agent_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
+    provision_cli.add_options(_subcommand(sub, "provision", [common]))
     return parser
 
 
-USES_STATE = ("status", "deploy", "converge", "rollback", "ca", "keys") + state_cli.COMMANDS  # the subcommands that read or write the state file
+USES_STATE = ("status", "deploy", "converge", "rollback", "ca", "keys", "provision") + state_cli.COMMANDS  # the subcommands that read or write the state file
 
 # Each subcommand: its line in `fleet --help`, what its own --help says, and an example.
 SUBCOMMANDS = {
@@ -170,6 +171,11 @@ SUBCOMMANDS = {
               "Build what a Pi needs to run the agent, from this installation: one .pyz file and a Debian "
               "package, both with the agent only.",
               "fleet agent bundle --out dist/"),
+    "provision": ("add a new device, and write what its Pi needs",
+                  "Add a device to the inventory (its formatting and order kept) with a new random token of its "
+                  "own, and write a folder for its Pi: the token, install.sh, and with a fleet CA its "
+                  "certificate and key. Copy the folder and the agent's .deb to the Pi and run install.sh.",
+                  "fleet provision raspi_pit --host 192.168.1.104 --type camera --tag cams"),
     "demo": ("start local agents and roll the camera handler out to them",
              "Start local agents on 127.0.0.1 in a temporary folder and run the main job against them: a rollout "
              "in waves with an offline device and one that refuses, recordings, status, rollback.",

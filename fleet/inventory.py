@@ -31,8 +31,8 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
 _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_DEVICE_KEYS = {"id", "name", "host", "port", "type", "description", "tags", "token", "token_env", "tls", "ca",
-                "cert", "key", "crl"}
+_DEVICE_KEYS = {"id", "name", "host", "port", "type", "description", "tags", "token", "token_env", "token_file",
+                "tls", "ca", "cert", "key", "crl"}
 _DEFAULT_KEYS = {"port", "token_env", "timeout", "connect_timeout", "tls", "ca", "cert", "key", "crl"}
 _TLS_FILES = ("ca", "cert", "key")  # with "tls": true, the fleet CA and this controller's certificate and key
 
@@ -115,8 +115,9 @@ def load_inventory(path: Path, environ: Optional[Mapping[str, str]] = None) -> I
 
 
 def parse_inventory(data: Any, *, source: str = "<memory>", environ: Optional[Mapping[str, str]] = None,
-                    base: Optional[Path] = None) -> Inventory:
-    """``base``: the folder that relative TLS paths start from (the inventory's; default the current one)."""
+                    base: Optional[Path] = None, check_files: bool = True) -> Inventory:
+    """``base``: the folder that relative TLS paths start from (the inventory's; default the current one);
+    ``check_files`` False: token files are not read (checking an inventory before they are written)."""
     environ = os.environ if environ is None else environ
     base = Path(".") if base is None else base
     if not isinstance(data, dict):
@@ -149,7 +150,7 @@ def parse_inventory(data: Any, *, source: str = "<memory>", environ: Optional[Ma
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))} "
                               f"(known: {', '.join(sorted(_DEVICE_KEYS))})")
-        device = _device(entry, defaults, where, environ, base)
+        device = _device(entry, defaults, where, environ, base, check_files)
         if device.id in seen:
             raise ConfigError(f"{where}: duplicate id {device.id!r} (also raspberryPiDevices[{seen[device.id]}])")
         seen[device.id] = index
@@ -178,15 +179,31 @@ def _tls(entry: Dict[str, Any], defaults: Dict[str, Any], where: str, base: Path
     return ClientTLS(paths["ca"], paths["cert"], paths["key"], base / Path(crl).expanduser() if crl else None)
 
 
+def _token_from_file(value: Any, where: str, base: Path) -> Tuple[str, str]:
+    """``token_file``: the first line of a file (relative to the inventory), as ``fleet provision`` writes it."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: field 'token_file' must name a file holding the device's token")
+    path = base / Path(value).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read its token file {path}: {exc.strerror or exc}") from None
+    if not text:
+        raise ConfigError(f"{where}: its token file {path} is empty")
+    return text.splitlines()[0].strip(), f"its token file {path}"
+
+
 def _device(entry: Dict[str, Any], defaults: Dict[str, Any], where: str, environ: Mapping[str, str],
-            base: Path) -> Device:
+            base: Path, check_files: bool = True) -> Device:
     tags = entry.get("tags", [])
     if not isinstance(tags, list):
         raise ConfigError(f"{where}: field 'tags' must be a list of strings")
     token = entry.get("token")
     if token is not None and (not isinstance(token, str) or not token):
         raise ConfigError(f"{where}: field 'token' must be a non-empty string")
-    if token is None:
+    if token is None and entry.get("token_file") is not None:
+        token, token_source = _token_from_file(entry["token_file"], where, base) if check_files else ("-", "")
+    elif token is None:
         token_env = entry.get("token_env", defaults.get("token_env", DEFAULT_TOKEN_ENV))
         if not isinstance(token_env, str):
             raise ConfigError(f"{where}: field 'token_env' must be the name of an environment variable")
