@@ -15,11 +15,9 @@ second process.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import pkgutil
 import selectors
 import subprocess
 import sys
@@ -77,6 +75,9 @@ def helper_programs(agent_root: Path) -> Tuple[Path, Path, Path]:
     """
     if HELPER.is_file():
         return HELPER, HANDLER_TABLE, BOX
+    import hashlib  # here: only an agent run from its zip needs them
+    import pkgutil
+
     contents = {path.name: pkgutil.get_data("agent", path.name) or b"" for path in (HELPER, HANDLER_TABLE, BOX)}
     digest = hashlib.sha256(b"".join(contents[name] for name in sorted(contents))).hexdigest()[:16]
     folder = agent_root / ".state" / "runtime" / digest
