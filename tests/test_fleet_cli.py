@@ -256,7 +256,7 @@ def test_every_json_document_calls_the_per_device_list_devices(tmp_path, agents,
         assert [d["device"] for d in document["devices"]] == ["d0"], argv
 
 
-@pytest.mark.parametrize("command", ["status", "deploy", "converge", "rollback", "send", "commands", "backups", "log", "demo",
+@pytest.mark.parametrize("command", ["status", "deploy", "converge", "rollback", "send", "commands", "backups", "log", "demo", "ca", "keys", "agent", "provision",
                                      "release", "releases", "history"])
 def test_every_subcommand_help_has_a_description_and_an_example(command, capsys):
     with pytest.raises(SystemExit):
