@@ -31,6 +31,7 @@ from .protocol import Request
 from .recovery import Recovery
 from .registry import Registry
 from .root_lock import RootLock
+from .upgrade import running_bundle
 from .server import AgentServer
 from .store import HandlerStore
 
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 # Limits
 AGENT_WORK_THREADS = 4  # file I/O and module loading for built-ins, never shared with handlers
+UPGRADE_EXIT_DELAY = 0.3  # seconds between answering upgrade_agent and exiting for the launcher
 
 
 class Agent:
@@ -61,6 +63,7 @@ class Agent:
         self._closed = False
         # Set when stuck threads pass the limit under a supervisor: the agent should exit and be restarted.
         self.restart_needed = asyncio.Event()
+        self.upgrade_staged = asyncio.Event()  # a new bundle waits: exit for the launcher to try it
         self.registry = Registry()
         self.dispatcher = Dispatcher(
             self.registry,
@@ -117,6 +120,7 @@ class Agent:
         d.add_builtin("list_backups", self.deploy.list_backups)
         d.add_builtin("update_log", self.deploy.update_log)
         d.add_builtin("update_crl", self.update_crl)
+        d.add_builtin("upgrade_agent", self.upgrade_agent)
         self.registry.reserve(d.builtin_names)
 
     # Lifecycle
@@ -175,6 +179,15 @@ class Agent:
     def ping(self, request: Request) -> Dict[str, Any]:
         return {"type": "pong", "message": "pong"}
 
+    async def upgrade_agent(self, request: Request) -> Dict[str, Any]:
+        """A new agent bundle: staged for the launcher, then this agent exits (status 76) to let it try."""
+        from .upgrade import stage
+
+        loop = asyncio.get_running_loop()
+        reply = await loop.run_in_executor(self._work_pool, stage, self.config.root, request.args, self.pipeline.trust)
+        loop.call_later(UPGRADE_EXIT_DELAY, self.upgrade_staged.set)  # the reply goes out first
+        return reply
+
     async def update_crl(self, request: Request) -> Dict[str, Any]:
         """A new TLS revocation list from the controller (``fleet ca revoke``, then a deploy or converge)."""
         from .tls import replace_crl
@@ -203,6 +216,7 @@ class Agent:
             "stuck_threads": self._stuck_threads(),
             "disk": self._disk(),
             "signatures": self.pipeline.trust.describe() if self.pipeline.trust else {"required": False},
+            "bundle": running_bundle(),
             **self.deploy.status(),
         }
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 from . import __version__
 from .contract import LISTENING
+from .launcher import EXIT_UPGRADE
 from .root_lock import RootInUse
 
 if TYPE_CHECKING:
@@ -239,13 +240,16 @@ async def serve(config: AgentConfig) -> int:
     try:
         host, port = await agent.start()
         print(f"pi-agent {__version__} {LISTENING} {host}:{port} (root {config.root})", flush=True)
-        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(agent.restart_needed.wait())]
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(agent.restart_needed.wait()),
+                 asyncio.ensure_future(agent.upgrade_staged.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for waiting in waits:
             waiting.cancel()
         log.info("stopping")
     finally:
         await agent.close()
+    if agent.upgrade_staged.is_set():
+        return EXIT_UPGRADE
     return EXIT_RESTART if agent.restart_needed.is_set() else 0
 
 

@@ -227,6 +227,7 @@ STATUS = {
     "disk": Opt(Obj({"free_bytes": COUNT, "total_bytes": COUNT})),
     "isolation": Opt(Obj({"active": DictOf(TEXT), "missing": DictOf(TEXT)})),
     "signatures": Obj({"required": FLAG, "trusted_keys": TEXTS}),
+    "bundle": Opt(Obj({"path": TEXT, "sha256": Opt(TEXT)})),
 }
 SHAPES: Dict[str, Obj] = {
     "get_status": Obj({**COMMON, **STATUS}),
@@ -243,5 +244,6 @@ SHAPES: Dict[str, Obj] = {
         required=("action", "file")))}),
     "list_commands": Obj({**COMMON, "commands": TEXTS, "builtin": TEXTS, "handlers": DictOf(TEXT)}),
     "update_crl": Obj({**COMMON, "crl": TEXT, "changed": FLAG}),
+    "upgrade_agent": Obj({**COMMON, "staged": TEXT, "sha256": TEXT, "restarting": FLAG}),
 }
 ANY_COMMAND = Obj(COMMON)  # a handler's reply: only what every reply carries

@@ -28,13 +28,13 @@ sys.exit(main())
 '''
 
 
-def build_pyz(out: Path) -> Path:
-    """Write ``out/pi-agent-VERSION.pyz`` (whole or not at all) and return its path."""
+def build_pyz(out: Path, source: Path = AGENT, version: str = __version__) -> Path:
+    """Write ``out/pi-agent-VERSION.pyz`` from the agent package at ``source`` (whole or not at all)."""
     out.mkdir(parents=True, exist_ok=True)
-    target = out / f"pi-agent-{__version__}.pyz"
+    target = out / f"pi-agent-{version}.pyz"
     with tempfile.TemporaryDirectory(prefix="pi-agent-bundle-") as tmp:
         staging = Path(tmp) / "app"
-        shutil.copytree(AGENT, staging / "agent", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(source, staging / "agent", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (staging / "__main__.py").write_text(MAIN)
         partial = Path(tmp) / target.name
         zipapp.create_archive(staging, partial, interpreter="/usr/bin/env python3", compressed=True)

@@ -3,6 +3,7 @@
 What it installs:
 
     /opt/pi-agent/pi-agent.pyz          the agent (the offline bundle, ``fleet/bundle.py``)
+    /opt/pi-agent/launcher.py           runs it, and switches to an upgraded agent only once it is up
     /usr/bin/pi-agent                   runs it with the system's python3
     /lib/systemd/system/pi-agent.service
     /etc/pi-agent/pi-agent.conf         the agent's options (a conffile: kept across upgrades)
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from agent import __version__
 
-from .bundle import build_pyz
+from .bundle import AGENT, build_pyz
 from .errors import ConfigError
 
 MAINTAINER = "pifleet maintainers <maintainers@pifleet.dev>"
@@ -67,7 +68,8 @@ Type=simple
 User=pi-agent
 Group=pi-agent
 EnvironmentFile=/etc/pi-agent/pi-agent.conf
-ExecStart=/usr/bin/python3 /opt/pi-agent/pi-agent.pyz --root /var/lib/pi-agent --supervised $PI_AGENT_OPTIONS
+# The launcher runs the agent bundle, and switches to an upgraded one only once it is up (fleet agent upgrade).
+ExecStart=/usr/bin/python3 /opt/pi-agent/launcher.py --bundle /opt/pi-agent/pi-agent.pyz --root /var/lib/pi-agent --supervised $PI_AGENT_OPTIONS
 Environment=PYTHONUNBUFFERED=1
 Environment=PI_AGENT_RECORDINGS=/var/lib/pi-agent/recordings
 Restart=always
@@ -172,6 +174,7 @@ LINTIAN_OVERRIDES = """# The agent lives in /opt/pi-agent on every Pi, installed
 # the unit, the docs and agent upgrades over the fleet find it in one place.
 pi-agent: dir-or-file-in-opt [opt/pi-agent/]
 pi-agent: dir-or-file-in-opt [opt/pi-agent/pi-agent.pyz]
+pi-agent: dir-or-file-in-opt [opt/pi-agent/launcher.py]
 """
 
 COPYRIGHT = """Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
@@ -208,6 +211,7 @@ def _tree(root: Path, pyz: Path) -> None:
     """The package's files, with the modes Debian expects."""
     files = {
         "opt/pi-agent/pi-agent.pyz": (pyz.read_bytes(), 0o755),
+        "opt/pi-agent/launcher.py": ((AGENT / "launcher.py").read_bytes(), 0o644),
         "usr/bin/pi-agent": (LAUNCHER.encode(), 0o755),
         "lib/systemd/system/pi-agent.service": (UNIT.encode(), 0o644),
         "etc/pi-agent/pi-agent.conf": (CONFIG.encode(), 0o644),

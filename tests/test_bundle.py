@@ -81,7 +81,7 @@ def test_the_package_holds_the_agent_its_unit_config_and_scripts(built):
     info = subprocess.run(["dpkg-deb", "--field", str(deb)], capture_output=True, text=True, check=True).stdout
     assert f"Version: {__version__}" in info and "Architecture: all" in info and "python3 (>= 3.9)" in info
     contents = subprocess.run(["dpkg-deb", "--contents", str(deb)], capture_output=True, text=True, check=True).stdout
-    for path in ("./opt/pi-agent/pi-agent.pyz", "./usr/bin/pi-agent", "./lib/systemd/system/pi-agent.service",
+    for path in ("./opt/pi-agent/pi-agent.pyz", "./opt/pi-agent/launcher.py", "./usr/bin/pi-agent", "./lib/systemd/system/pi-agent.service",
                  "./etc/pi-agent/pi-agent.conf", "./usr/share/doc/pi-agent/README.md",
                  "./usr/share/doc/pi-agent/copyright"):
         assert path in contents, path
@@ -128,8 +128,9 @@ echo "user: $(id pi-agent)"
 echo "token: $(stat -c '%a %U:%G %s' /etc/pi-agent/token)"
 echo "state: $(stat -c '%a %U' /var/lib/pi-agent)"
 pi-agent --version
-runuser -u pi-agent -- pi-agent --root /var/lib/pi-agent --port 0 --token-file /etc/pi-agent/token \
-    > /tmp/out 2> /tmp/err < /dev/null &
+# as the unit starts it: the launcher, running the bundle
+runuser -u pi-agent -- python3 /opt/pi-agent/launcher.py --bundle /opt/pi-agent/pi-agent.pyz \
+    --root /var/lib/pi-agent --supervised --port 0 --token-file /etc/pi-agent/token > /tmp/out 2> /tmp/err < /dev/null &
 agent=$!
 for i in $(seq 1 100); do grep -q 'listening on' /tmp/out && break; sleep 0.1; done
 echo "started: $(cat /tmp/out)"

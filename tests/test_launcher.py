@@ -1,0 +1,153 @@
+"""Upgrading the agent itself through its launcher: real bundles, real processes, a kill in the middle."""
+
+import base64
+import hashlib
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from fleet.bundle import AGENT, build_pyz
+from fleet.local import free_port
+
+HANDLER = "def handle_hello(data):\n    return {'hello': 1}\n"
+
+
+def bundle(tmp_path, version, main=None):
+    """A real agent bundle claiming ``version``; with ``main``, its __main__ replaced (a broken agent)."""
+    source = tmp_path / f"src-{version}" / "agent"
+    shutil.copytree(AGENT, source, ignore=shutil.ignore_patterns("__pycache__"))
+    init = source / "__init__.py"
+    init.write_text(init.read_text().replace('__version__ = "', f'__version__ = "{version}"  # was "', 1))
+    path = build_pyz(tmp_path / f"dist-{version}", source=source, version=version)
+    if main is not None:
+        import zipapp
+
+        staging = tmp_path / f"broken-{version}"
+        staging.mkdir()
+        (staging / "__main__.py").write_text(main)
+        zipapp.create_archive(staging, path)
+    return path
+
+
+class Launcher:
+    """``python -m agent.launcher`` with a shipped bundle, on a fixed port, its stdout read line by line."""
+
+    def __init__(self, shipped, root, port):
+        self.port = port
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "agent.launcher", "--bundle", str(shipped), "--root", str(root),
+             "--port", str(port), "--log-level", "WARNING"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.put(line)
+
+    def line_with(self, words, limit=60.0):
+        """The next line it prints that holds ``words`` (the agent's, or the launcher's own)."""
+        deadline = time.monotonic() + limit
+        while True:
+            line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            if words in line:
+                return line
+
+    def listening(self):
+        return self.line_with("listening on")
+
+    def ask(self, request):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock:
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            return json.loads(sock.makefile().readline())
+
+    def stop(self, how=signal.SIGTERM):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, how)  # the launcher and its agent
+            self.process.wait(30)
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
+def upgrade_request(path):
+    data = Path(path).read_bytes()
+    return {"command": "upgrade_agent", "bundle": base64.b64encode(data).decode(),
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.fixture
+def device(tmp_path):
+    launched = []
+
+    def start(shipped):
+        launched.append(Launcher(shipped, tmp_path / "root", free_port()))
+        return launched[-1]
+
+    yield start
+    for launcher in launched:
+        launcher.stop(signal.SIGKILL)
+
+
+def test_a_good_bundle_becomes_the_agent_and_the_handlers_stay_live(tmp_path, device):
+    launcher = device(bundle(tmp_path, "1.0.0"))
+    launcher.listening()
+    assert launcher.ask({"command": "update_handler", "filename": "hello.py", "code": HANDLER})["success"] is True
+    new = bundle(tmp_path, "2.0.0")
+    reply = launcher.ask(upgrade_request(new))
+    assert reply["success"] is True and reply["restarting"] is True, reply
+    launcher.listening()  # the new agent, up
+    assert "2.0.0" not in launcher.line_with("launcher: ")  # kept once it stayed up: "switched <bundle>"
+    status = launcher.ask({"command": "get_status"})
+    assert status["agent_version"] == "2.0.0" and status["bundle"]["sha256"] == hashlib.sha256(new.read_bytes()).hexdigest()
+    assert launcher.ask({"command": "hello"})["hello"] == 1  # handlers, backups and state carried over
+    history = (tmp_path / "root" / ".state" / "agent" / "history.jsonl").read_text()
+    assert '"event": "switched"' in history and hashlib.sha256(new.read_bytes()).hexdigest() in history
+
+
+def test_a_bundle_that_does_not_come_up_leaves_the_old_agent(tmp_path, device):
+    launcher = device(bundle(tmp_path, "1.0.0"))
+    launcher.listening()
+    broken = bundle(tmp_path, "6.6.6", main="import sys\nsys.exit(3)\n")
+    assert launcher.ask(upgrade_request(broken))["success"] is True
+    assert "launcher: failed" in launcher.line_with("launcher: ")
+    launcher.listening()  # the old agent again
+    assert launcher.ask({"command": "get_status"})["agent_version"] == "1.0.0"
+    history = (tmp_path / "root" / ".state" / "agent" / "history.jsonl").read_text()
+    assert '"event": "failed"' in history and "exited with status 3 before listening" in history
+
+
+def test_a_launcher_killed_while_the_new_agent_starts_comes_back_on_the_old_one(tmp_path, device):
+    shipped = bundle(tmp_path, "1.0.0")
+    launcher = device(shipped)
+    launcher.listening()
+    hangs = bundle(tmp_path, "7.7.7", main="import time\ntime.sleep(600)\n")  # never listens
+    assert launcher.ask(upgrade_request(hangs))["success"] is True
+    trial = tmp_path / "root" / ".state" / "agent" / "trial.json"
+    deadline = time.monotonic() + 30
+    while not (trial.exists() and json.loads(trial.read_text()).get("attempted")):
+        assert time.monotonic() < deadline, "the launcher never started the new agent"
+        time.sleep(0.02)
+    launcher.stop(signal.SIGKILL)  # the power goes in the middle of the switch
+    again = device(shipped)  # the next boot
+    again.listening()
+    assert again.ask({"command": "get_status"})["agent_version"] == "1.0.0"
+    assert not trial.exists()
+
+
+async def test_without_the_launcher_upgrade_agent_is_refused(start_agent, connect, tmp_path):
+    agent = await start_agent()
+    client = await connect(agent)
+    request = upgrade_request(build_pyz(tmp_path))
+    reply = await client.call(request.pop("command"), **request)
+    assert reply["success"] is False and "not started by pi-agent's launcher" in reply["error"]
