@@ -13,7 +13,8 @@ from .text import lines
 Emit = Callable[[Dict[str, Any], str], None]
 
 
-def add_commands(sub: Any, make: Any, parents: List[argparse.ArgumentParser]) -> None:
+def add_commands(sub: Any, make: Any, parents: List[argparse.ArgumentParser],
+                 device_parents: List[argparse.ArgumentParser], add_plan_options: Callable[[Any], None]) -> None:
     agent = make(sub, "agent")
     actions = agent.add_subparsers(dest="action", metavar="ACTION", required=True)
     bundle = actions.add_parser(
@@ -23,6 +24,16 @@ def add_commands(sub: Any, make: Any, parents: List[argparse.ArgumentParser]) ->
                     "unit and config). Nothing but the agent goes in: it needs only Python 3.9+.",
         epilog="Example:\n  fleet agent bundle --out dist/", formatter_class=argparse.RawDescriptionHelpFormatter)
     bundle.add_argument("--out", default="dist", metavar="DIR", help="where to write them (default dist/)")
+    upgrade = actions.add_parser(
+        "upgrade", parents=device_parents, help="upgrade the agents themselves, in waves",
+        description="Push a new agent bundle to the devices in waves, with a deploy's canary, batches and limits. "
+                    "Each device's launcher (the .deb's unit) starts the new agent and keeps it only once it is up; "
+                    "otherwise it goes back to the previous one and the device counts as failed.",
+        epilog="Example:\n  fleet agent upgrade --bundle dist/pi-agent-0.2.0.pyz --tag cams --canary 1",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    upgrade.add_argument("--bundle", default=None, metavar="FILE",
+                         help="the agent bundle (.pyz) to install (default: built now from this installation)")
+    add_plan_options(upgrade)
 
 
 def run(args: argparse.Namespace, emit: Emit) -> int:
@@ -34,3 +45,23 @@ def run(args: argparse.Namespace, emit: Emit) -> int:
                        "on a Pi (from a USB stick): sudo dpkg -i " + deb.name + "   (README: 'Installing the agent "
                        "on a Pi')"]))
     return 0
+
+
+async def cmd_upgrade(fleet: Any, inventory: Any, ids: List[str], args: argparse.Namespace, out: Any) -> int:
+    """``fleet agent upgrade``: the waves of ``fleet/agent_upgrade.py``, printed like a deploy."""
+    import tempfile
+
+    from .agent_upgrade import upgrade
+    from .cli_rollouts import announce, finish, plan_from, signing_key
+
+    plan = plan_from(args)
+    key = signing_key(args)
+    with tempfile.TemporaryDirectory(prefix="pifleet-upgrade-") as tmp:
+        bundle = Path(args.bundle) if args.bundle else build_pyz(Path(tmp))
+        if not bundle.is_file():
+            from .errors import ConfigError
+
+            raise ConfigError(f"--bundle {bundle}: file not found (`fleet agent bundle` builds one)")
+        announce(f"agent bundle {bundle.name} ({sha256_of(bundle)[:8]})", len(ids), plan)
+        report = await upgrade(fleet, bundle, ids, plan, out.progress(len(ids)), key)
+    return finish(report, out)

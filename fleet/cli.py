@@ -130,7 +130,7 @@ async def cmd_log(fleet: Fleet, inventory: Inventory, ids: List[str], args: argp
 
 COMMANDS = {
     "status": cmd_status, "deploy": cli_rollouts.cmd_deploy, "converge": cli_rollouts.cmd_converge,
-    "rollback": cmd_rollback, "send": cmd_send,
+    "rollback": cmd_rollback, "agent": agent_cli.cmd_upgrade, "send": cmd_send,
     "commands": cmd_commands, "backups": cmd_backups, "log": cmd_log,
 }
 
@@ -140,7 +140,7 @@ async def run(args: argparse.Namespace) -> int:
         from .demo import run_demo
 
         return await run_demo(agents=args.agents, as_json=args.json)
-    if args.command == "agent":  # builds files: no inventory, no devices
+    if args.command == "agent" and args.action == "bundle":  # builds files: no inventory, no devices
         return agent_cli.run(args, Output(args.json).emit)
     path = Path(args.devices or default_devices())
     inventory = load_inventory(path)

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     state_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
     ca_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
     keys_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
-    agent_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
+    agent_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common], device_parents,
+                           _add_plan_options)
     provision_cli.add_options(_subcommand(sub, "provision", [common]))
     return parser
 
@@ -167,9 +168,9 @@ SUBCOMMANDS = {
              "Signed releases: deploys sign each file's name and sha256 with an Ed25519 key, and agents started "
              "with --trusted-keys run only code a trusted key signed.",
              "fleet keys init"),
-    "agent": ("the agent for Pis without internet: bundle (.pyz and .deb)",
-              "Build what a Pi needs to run the agent, from this installation: one .pyz file and a Debian "
-              "package, both with the agent only.",
+    "agent": ("the agent itself: bundle (.pyz and .deb), upgrade (in waves)",
+              "Build what a Pi needs to run the agent, from this installation (one .pyz file and a Debian "
+              "package, both with the agent only), or upgrade the agents of the fleet over the network.",
               "fleet agent bundle --out dist/"),
     "provision": ("add a new device, and write what its Pi needs",
                   "Add a device to the inventory (its formatting and order kept) with a new random token of its "

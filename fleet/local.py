@@ -80,12 +80,16 @@ class LocalAgents:
         self.base = base
         self.agents: Dict[str, LocalAgent] = {}
 
-    def start(self, device_id: str, *, env: Optional[Dict[str, str]] = None, extra: Sequence[str] = ()) -> LocalAgent:
+    def start(self, device_id: str, *, env: Optional[Dict[str, str]] = None, extra: Sequence[str] = (),
+              launcher_bundle: Optional[Path] = None) -> LocalAgent:
+        """Start an agent; with ``launcher_bundle``, as a Pi's unit does: the launcher running that bundle."""
         root = self.base / device_id
         root.mkdir(parents=True, exist_ok=True)
         log = open(root / "agent.log", "ab")
+        program = ["-m", "agent"] if launcher_bundle is None else \
+            ["-m", "agent.launcher", "--bundle", str(launcher_bundle)]
         process = subprocess.Popen(
-            [sys.executable, "-m", "agent", "--host", "127.0.0.1", "--port", "0", "--root", str(root), *extra],
+            [sys.executable, *program, "--host", "127.0.0.1", "--port", "0", "--root", str(root), *extra],
             stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **(env or {})},
         )
         log.close()

@@ -151,3 +151,45 @@ async def test_without_the_launcher_upgrade_agent_is_refused(start_agent, connec
     request = upgrade_request(build_pyz(tmp_path))
     reply = await client.call(request.pop("command"), **request)
     assert reply["success"] is False and "not started by pi-agent's launcher" in reply["error"]
+
+
+def fleet_of(tmp_path, agents, count, shipped, ports):
+    entries = []
+    for i in range(count):
+        agent = agents.start(f"d{i}", launcher_bundle=shipped, extra=["--port", str(ports[i])])
+        entries.append({"id": f"d{i}", "host": "127.0.0.1", "port": agent.device.port})
+    path = tmp_path / "devices.json"
+    path.write_text(json.dumps({"defaults": {"timeout": 60}, "raspberryPiDevices": entries}))
+    return path
+
+
+def test_fleet_agent_upgrade_moves_every_device_in_waves_and_keeps_their_handlers(tmp_path, agents, capsys):
+    from fleet.cli import main
+
+    devices = fleet_of(tmp_path, agents, 3, bundle(tmp_path, "1.0.0"), [free_port() for _ in range(3)])
+    (tmp_path / "hello.py").write_text(HANDLER)
+    assert main(["-d", str(devices), "deploy", str(tmp_path / "hello.py")]) == 0
+    new = bundle(tmp_path, "2.0.0")
+    capsys.readouterr()
+    assert main(["-d", str(devices), "agent", "upgrade", "--bundle", str(new), "--canary", "1", "--batch", "1",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr()[0])
+    assert report["waves"] == [["d0"], ["d1"], ["d2"]]
+    assert [d["note"] for d in report["devices"]] == ["agent 2.0.0 running"] * 3
+    assert main(["-d", str(devices), "status", "--json"]) == 0
+    assert [d["agent"]["agent_version"] for d in json.loads(capsys.readouterr()[0])["devices"]] == ["2.0.0"] * 3
+    assert main(["-d", str(devices), "send", "all", "hello", "--json"]) == 0  # handlers carried over
+
+
+def test_a_bundle_that_does_not_come_up_halts_the_upgrade_at_the_canary(tmp_path, agents, capsys):
+    from fleet.cli import main
+
+    devices = fleet_of(tmp_path, agents, 3, bundle(tmp_path, "1.0.0"), [free_port() for _ in range(3)])
+    broken = bundle(tmp_path, "6.6.6", main="import sys\nsys.exit(3)\n")
+    capsys.readouterr()
+    assert main(["-d", str(devices), "agent", "upgrade", "--bundle", str(broken), "--json"]) == 1
+    report = json.loads(capsys.readouterr()[0])
+    assert report["halted"] and report["counts"] == {"FAILED": 1, "SKIPPED": 2}
+    assert "launcher went back to the previous one" in report["devices"][0]["error"]
+    assert main(["-d", str(devices), "status", "--json"]) == 0
+    assert [d["agent"]["agent_version"] for d in json.loads(capsys.readouterr()[0])["devices"]] == ["1.0.0"] * 3
