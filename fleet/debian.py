@@ -139,8 +139,8 @@ if [ "$1" = configure ]; then
         systemctl restart pi-agent.service
         echo "pi-agent: running (journalctl -u pi-agent)"
     else
-        echo "pi-agent: systemd is not running here; start the agent with:"
-        echo "  sudo -u pi-agent pi-agent --root /var/lib/pi-agent --host 0.0.0.0 --token-file /etc/pi-agent/token"
+        echo "pi-agent: systemd is not running here; start the agent as its unit would, with:"
+        echo "  sudo -u pi-agent sh -c '. /etc/pi-agent/pi-agent.conf && exec python3 /opt/pi-agent/launcher.py --bundle /opt/pi-agent/pi-agent.pyz --root /var/lib/pi-agent \$PI_AGENT_OPTIONS'"
     fi
 fi
 exit 0

@@ -30,7 +30,7 @@ from .errors import ConfigError
 from .inventory import parse_inventory
 
 INSTALL = """#!/bin/sh
-# Put this device's token{tls_words} in place, then install the agent: sudo sh install.sh
+# Put this device's token{tls_words} in place, install the agent, and set its options: sudo sh install.sh
 set -e
 cd "$(dirname "$0")"
 install -d -m 755 /etc/pi-agent
@@ -38,16 +38,24 @@ install -m 640 token /etc/pi-agent/token
 {tls_steps}deb=$(ls ../pi-agent_*_all.deb pi-agent_*_all.deb 2>/dev/null | head -n 1)
 if [ -z "$deb" ]; then echo "no pi-agent_*_all.deb next to this folder: copy it from 'fleet agent bundle'"; exit 1; fi
 dpkg -i "$deb"
+cat > /etc/pi-agent/pi-agent.conf <<'CONF'
+# pi-agent's options (pi-agent --help), written by fleet provision for {device}. After a change:
+#   sudo systemctl restart pi-agent
+PI_AGENT_OPTIONS="{options}"
+CONF
+if [ -d /run/systemd/system ]; then
+    systemctl restart pi-agent
+    echo "pi-agent: running with this device's options (journalctl -u pi-agent)"
+fi
 """
 
 TLS_STEPS = """install -m 644 device.crt ca.crt /etc/pi-agent/
 install -m 640 device.key /etc/pi-agent/device.key
 install -d -m 750 /var/lib/pi-agent
 install -m 644 crl.pem /var/lib/pi-agent/crl.pem
-cat > /etc/pi-agent/pi-agent.conf <<'CONF'
-PI_AGENT_OPTIONS="--host 0.0.0.0 --port {port} --token-file /etc/pi-agent/token --tls-cert /etc/pi-agent/device.crt --tls-key /etc/pi-agent/device.key --tls-ca /etc/pi-agent/ca.crt --tls-crl /var/lib/pi-agent/crl.pem"
-CONF
 """
+TLS_OPTIONS = (" --tls-cert /etc/pi-agent/device.crt --tls-key /etc/pi-agent/device.key --tls-ca /etc/pi-agent/ca.crt"
+               " --tls-crl /var/lib/pi-agent/crl.pem")
 
 
 def provision(inventory: Path, state_dir: Path, entry: Dict[str, Any], out: Path, *, shared_token: Optional[str],
@@ -79,8 +87,10 @@ def provision(inventory: Path, state_dir: Path, entry: Dict[str, Any], out: Path
         issued = ca.issue(device_id, folder)
         os.replace(issued.cert, folder / "device.crt")
         os.replace(issued.key, folder / "device.key")
-    install = INSTALL.format(tls_words=" and TLS files" if tls else "",
-                             tls_steps=TLS_STEPS.format(port=entry.get("port", 3000)) if tls else "")
+    options = f"--host 0.0.0.0 --port {entry.get('port', 3000)} --token-file /etc/pi-agent/token" + \
+        (TLS_OPTIONS if tls else "")
+    install = INSTALL.format(tls_words=" and TLS files" if tls else "", tls_steps=TLS_STEPS if tls else "",
+                             device=device_id, options=options)
     (folder / "install.sh").write_text(install)
     (folder / "install.sh").chmod(0o755)
     temporary = inventory.with_name(f".{inventory.name}.tmp")  # the inventory last: whole, or not at all

@@ -148,7 +148,7 @@ getent passwd pi-agent || echo "user gone"
     assert "token: 640 root:pi-agent" in out and "token: 640 root:pi-agent 0" not in out
     assert "state: 750 pi-agent" in out and f"pi-agent {__version__}" in out
     assert "started: pi-agent" in out and "listening on 127.0.0.1:" in out
-    assert "systemd is not running here; start the agent with:" in out  # no systemd in the throwaway root
+    assert "systemd is not running here; start the agent as its unit would, with:" in out  # no systemd in the throwaway root
     assert "after remove: pi-agent.conf token  user pi-agent" in out and "agent removed" in out
     assert "purged" in out and "user gone" in out
 
