@@ -193,3 +193,27 @@ def test_a_bundle_that_does_not_come_up_halts_the_upgrade_at_the_canary(tmp_path
     assert "launcher went back to the previous one" in report["devices"][0]["error"]
     assert main(["-d", str(devices), "status", "--json"]) == 0
     assert [d["agent"]["agent_version"] for d in json.loads(capsys.readouterr()[0])["devices"]] == ["1.0.0"] * 3
+
+
+async def test_with_trusted_keys_only_a_signed_bundle_is_staged(start_agent, connect, tmp_path, monkeypatch):
+    from agent.launcher import LAUNCHER_ENV
+    from agent.upgrade import BUNDLE_NAME
+    from fleet.keys import init_key, load_key
+
+    private, public, _ = init_key(tmp_path / "keys")
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    (trusted / "release.pub").write_bytes(public.read_bytes())
+    monkeypatch.setenv(LAUNCHER_ENV, "1")  # as if the launcher had started it
+    agent = await start_agent(trusted_keys=trusted)
+    client = await connect(agent)
+    request = upgrade_request(build_pyz(tmp_path / "dist"))
+    command = request.pop("command")
+    unsigned = await client.call(command, **request)
+    assert unsigned["code"] == "unsigned" and not agent.upgrade_staged.is_set()
+    key = load_key(private)
+    signed = await client.call(command, **request, signature=key.sign(BUNDLE_NAME, request["sha256"]),
+                               key_id=key.key_id)
+    assert signed["success"] is True and signed["staged"].endswith(f"{request['sha256']}.pyz")
+    trial = json.loads((agent.config.root / ".state" / "agent" / "trial.json").read_text())
+    assert trial["sha256"] == request["sha256"]
