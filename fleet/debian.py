@@ -140,7 +140,7 @@ if [ "$1" = configure ]; then
         echo "pi-agent: running (journalctl -u pi-agent)"
     else
         echo "pi-agent: systemd is not running here; start the agent as its unit would, with:"
-        echo "  runuser -u pi-agent -- sh -c '. /etc/pi-agent/pi-agent.conf && exec python3 /opt/pi-agent/launcher.py --bundle /opt/pi-agent/pi-agent.pyz --root /var/lib/pi-agent \$PI_AGENT_OPTIONS'"
+        echo "  runuser -u pi-agent -- sh -c '. /etc/pi-agent/pi-agent.conf && exec python3 /opt/pi-agent/launcher.py --bundle /opt/pi-agent/pi-agent.pyz --root /var/lib/pi-agent \\$PI_AGENT_OPTIONS'"
     fi
 fi
 exit 0
