@@ -80,19 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--insecure", action="store_true",
                      help="allow listening beyond loopback without a token or TLS (anyone who can connect can "
                           "push code)")
-    tls = parser.add_argument_group(
-        "TLS", "Mutual TLS: the agent speaks TLS 1.2+ only and requires a client certificate signed by --tls-ca "
-               "(`fleet ca issue DEVICE_ID` writes all three files). The token is then optional; with both, "
-               "both are checked.")
-    tls.add_argument("--tls-cert", metavar="FILE", help="this device's certificate (PEM)")
-    tls.add_argument("--tls-key", metavar="FILE", help="this device's private key (PEM)")
-    tls.add_argument("--tls-ca", metavar="FILE", help="the fleet CA's certificate: clients must present one it signed")
-    tls.add_argument("--tls-crl", metavar="FILE",
-                     help="revoked certificates (PEM CRL from `fleet ca revoke`), re-read when the file changes")
-    parser.add_argument("--trusted-keys", metavar="DIR",
-                        help="run only handler code signed by one of the release keys in DIR (*.pub, from `fleet "
-                             "keys init`): unsigned or badly signed pushes, rollbacks and files found at start are "
-                             "refused. Needs python3-cryptography")
+    _add_security_options(parser)
     timeouts = parser.add_argument_group("timeouts (seconds)")
     timeouts.add_argument("--handler-timeout", type=float, default=DEFAULT_HANDLER_TIMEOUT,
                           help=f"time limit of one handler call; a request's 'timeout' may lower it (default {DEFAULT_HANDLER_TIMEOUT:g})")
@@ -121,6 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="logging detail on stderr (default INFO)")
     return parser
+
+
+def _add_security_options(parser: argparse.ArgumentParser) -> None:
+    """Who may talk to the agent, and what code it runs: mutual TLS, and signed code (``--trusted-keys``)."""
+    tls = parser.add_argument_group(
+        "TLS", "Mutual TLS: the agent speaks TLS 1.2+ only and takes commands only from a controller's certificate from --tls-ca "
+               "(`fleet ca issue DEVICE_ID` writes all three files). The token is then optional; with both, "
+               "both are checked.")
+    tls.add_argument("--tls-cert", metavar="FILE", help="this device's certificate (PEM)")
+    tls.add_argument("--tls-key", metavar="FILE", help="this device's private key (PEM)")
+    tls.add_argument("--tls-ca", metavar="FILE", help="the fleet CA's certificate: clients must present one it signed")
+    tls.add_argument("--tls-crl", metavar="FILE",
+                     help="revoked certificates (PEM CRL from `fleet ca revoke`), re-read when the file changes")
+    parser.add_argument("--trusted-keys", metavar="DIR",
+                        help="run only handler code signed by one of the release keys in DIR (*.pub, from `fleet "
+                             "keys init`): unsigned or badly signed pushes, rollbacks and files found at start are "
+                             "refused. Needs python3-cryptography")
 
 
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:

@@ -41,7 +41,7 @@ BUNDLE_ENV = "PI_AGENT_BUNDLE"  # the bundle the agent runs from, for get_status
 EXIT_UPGRADE = 76  # the agent staged a new bundle: try it
 HEALTH_TIMEOUT = 60.0  # seconds a new agent may take to print its listening line
 SETTLE = 2.0  # and then stay up this long
-LISTENING = "listening on"
+LISTENING = "listening on"  # contract.LISTENING, repeated: this file runs alone, without the agent package
 
 
 def state_folder(root: Path) -> Path:
