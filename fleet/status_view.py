@@ -87,6 +87,18 @@ def drifted(devices: Sequence[Device], statuses: Dict[str, DeviceResult]) -> Dic
     return out
 
 
+def agent_drift(devices: Sequence[Device], statuses: Dict[str, DeviceResult]) -> Dict[str, str]:
+    """``{device_id: what most of the fleet's agents run}`` for devices whose agent version differs from most
+    (all of them when they split evenly): drift in agents, shown like drift in handlers."""
+    versions = {d.id: str((statuses[d.id].reply or {}).get("agent_version")) for d in devices
+                if statuses[d.id].status is Status.OK}
+    counts = Counter(versions.values()).most_common(2)
+    if len(counts) < 2:
+        return {}
+    split = counts[0][1] == counts[1][1]
+    return {device_id: counts[0][0] for device_id, version in versions.items() if split or version != counts[0][0]}
+
+
 def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
                  last_changes: Dict[str, Optional[Dict[str, Any]]], standings: Dict[str, Standing],
                  wide: bool = False) -> str:
@@ -97,6 +109,7 @@ def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
                "commands", *files, "last change, age"]
     rows = []
     notes: List[str] = []  # under the table, each naming its device
+    agents = agent_drift(devices, statuses)
     for device in devices:
         result, place = statuses[device.id], standings[device.id]
         reply = result.reply or {}
@@ -107,6 +120,9 @@ def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
             notes.append(f"{device.id}: {result.error}")
             continue
         notes.extend(_notes(device, reply, place, drift.get(device.id, [])))
+        if device.id in agents:
+            notes.append(f"{device.id}: {DRIFT_MARK} agent {reply.get('agent_version')}; most devices run "
+                         f"{agents[device.id]} (`fleet agent upgrade`)")
         running, failed = _running(result), _failed_to_load(result)
         cells = ["LOAD FAILED" if f in failed else short(running.get(f)) + (f" {DRIFT_MARK}" if f in drift.get(
             device.id, ()) else "") for f in files]
@@ -155,12 +171,12 @@ def status_document(devices: Sequence[Device], statuses: Dict[str, DeviceResult]
                     last_changes: Dict[str, Optional[Dict[str, Any]]],
                     standings: Dict[str, Standing]) -> Dict[str, Any]:
     """What ``status_table`` shows, as one JSON-ready document (``--json``)."""
-    drift = drifted(devices, statuses)
+    drift, agents = drifted(devices, statuses), agent_drift(devices, statuses)
     return {"devices": [
         {"device": device.id, "address": device.address, "reachable": statuses[device.id].status is Status.OK,
          "status": statuses[device.id].status.value, "error": statuses[device.id].error,
          **standings[device.id].as_dict(),
          "agent": statuses[device.id].reply, "last_change": last_changes.get(device.id),
-         "drift": drift.get(device.id, [])}
+         "drift": drift.get(device.id, []), "agent_drift": device.id in agents}
         for device in devices
     ]}

@@ -72,3 +72,13 @@ def test_the_status_table_fits_120_columns_with_long_names_and_says_what_it_coun
     assert "2 current, 1 unreachable" in table
     wide = status_table(devices, statuses, last, places, wide=True)
     assert "camera_handlers.py" in wide.splitlines()[0] and "192.168.100.0:3000" in wide
+
+
+def test_an_agent_version_that_differs_from_most_of_the_fleet_is_called_out():
+    devices = [Device(id=f"d{i}", host="127.0.0.1", port=3000 + i) for i in range(3)]
+    statuses = {d.id: DeviceResult(d.id, Status.OK, reply={"agent_version": "0.2.0" if d.id != "d2" else "0.1.0",
+                                                          "modules": []}) for d in devices}
+    places = standings(devices, statuses, {}, KNOWN, RELEASES)
+    table = status_table(devices, statuses, {}, places)
+    assert "d2: * agent 0.1.0; most devices run 0.2.0 (`fleet agent upgrade`)" in table
+    assert "d0: * agent" not in table
