@@ -16,7 +16,7 @@ import base64
 import hashlib
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from agent.protocol import encode_shared_request
 from agent.upgrade import BUNDLE_NAME
@@ -46,27 +46,15 @@ class AgentUpgrade(Rollout):
         self._body = encode_shared_request(request)
         self.wait_limit = max(plan.timeout or 0.0, 120.0)
 
-    async def _preflight(self) -> List[str]:
-        statuses = await self.fleet.send_all({"command": "get_status"}, list(self.targets), timeout=self.plan.timeout)
-        candidates = []
-        for device_id in self.targets:
-            status = statuses[device_id]
-            if status.status is not Status.OK:
-                status.note = "offline at start: not attempted" if status.status is Status.UNREACHABLE \
-                    else "preflight get_status failed: not attempted"
-                self._finish(status)
-                continue
-            running = ((status.reply or {}).get("bundle") or {}).get("sha256")
-            if running == self.bundle_sha:
-                self.current.append(device_id)
-                self._finish(DeviceResult(device_id, Status.SKIPPED, old_version=running, new_version=running,
-                                          note="already runs this agent"))
-            else:
-                reply = status.reply or {}
-                self.before[device_id] = {"bundle": {"sha256": running, "agent": reply.get("agent_version"),
-                                                     "started_at": reply.get("started_at")}}
-                candidates.append(device_id)
-        return candidates
+    def _sort(self, device_id: str, reply: Dict[str, Any]) -> bool:
+        running = (reply.get("bundle") or {}).get("sha256")
+        if running == self.bundle_sha:
+            self.current.append(device_id)
+            self._finish(DeviceResult(device_id, Status.SKIPPED, old_version=running, new_version=running,
+                                      note="already runs this agent"))
+            return False
+        self.before[device_id] = {"bundle": {"sha256": running, "started_at": reply.get("started_at")}}
+        return True
 
     async def _push(self, device_id: str) -> DeviceResult:
         started = time.perf_counter()

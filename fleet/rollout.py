@@ -219,34 +219,40 @@ class Rollout:
         return self.before.get(device_id, {}).get(files[0].name, {}).get("sha256") if len(files) == 1 else None
 
     async def _preflight(self) -> List[str]:
+        """get_status from every target: offline ones are reported, not waited for; ``_sort`` says which of the
+        others need a push (and reports those that do not)."""
         statuses = await self.fleet.send_all({"command": "get_status"}, list(self.targets), timeout=self.plan.timeout)
         candidates = []
-        for device_id, fileset in self.targets.items():
+        for device_id in self.targets:
             status = statuses[device_id]
             if status.status is not Status.OK:
                 status.note = "offline at start: not attempted" if status.status is Status.UNREACHABLE \
                     else "preflight get_status failed: not attempted"
                 self._finish(status)
-                continue
-            reply = status.reply or {}
-            modules = {m.get("file"): m for m in reply.get("modules", [])}
-            self.before[device_id] = modules
-            if "if_version" in reply.get("deploy_features", ()):
-                self.applier.checkable.add(device_id)
-            self.todo[device_id] = [f for f in fileset.files if modules.get(f.name, {}).get("sha256") != f.sha256]
-            if self.todo[device_id]:
+            elif self._sort(device_id, status.reply or {}):
                 candidates.append(device_id)
-                continue
-            self.current.append(device_id)
-            current = DeviceResult(device_id, Status.SKIPPED, release=fileset.release,
-                                   note=f"already on release {fileset.release}" if fileset.release and len(fileset.files) > 1
-                                   else "already at this version")
-            if len(fileset.files) == 1:
-                module = modules[fileset.files[0].name]
-                current.old_version = current.new_version = module.get("sha256")
-                current.commands = list(module.get("commands", []))
-            self._finish(current)
         return candidates
+
+    def _sort(self, device_id: str, reply: Dict[str, Any]) -> bool:
+        """Whether the device needs a push; one that does not is reported SKIPPED here."""
+        fileset = self.targets[device_id]
+        modules = {m.get("file"): m for m in reply.get("modules", [])}
+        self.before[device_id] = modules
+        if "if_version" in reply.get("deploy_features", ()):
+            self.applier.checkable.add(device_id)
+        self.todo[device_id] = [f for f in fileset.files if modules.get(f.name, {}).get("sha256") != f.sha256]
+        if self.todo[device_id]:
+            return True
+        self.current.append(device_id)
+        current = DeviceResult(device_id, Status.SKIPPED, release=fileset.release,
+                               note=f"already on release {fileset.release}" if fileset.release and len(fileset.files) > 1
+                               else "already at this version")
+        if len(fileset.files) == 1:
+            module = modules[fileset.files[0].name]
+            current.old_version = current.new_version = module.get("sha256")
+            current.commands = list(module.get("commands", []))
+        self._finish(current)
+        return False
 
     def _waves(self, candidates: List[str]) -> List[List[str]]:
         canary = candidates[:self.plan.canary]
