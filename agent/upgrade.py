@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import os
@@ -62,8 +63,12 @@ def stage(root: Path, args: Dict[str, Any], trust: Any) -> Dict[str, Any]:
 def running_bundle() -> Optional[Dict[str, Any]]:
     """For ``get_status``: the bundle this agent runs from, when the launcher started it."""
     path = os.environ.get(BUNDLE_ENV)
-    if not path:
-        return None
+    return _bundle_at(path) if path else None
+
+
+@functools.lru_cache(maxsize=1)
+def _bundle_at(path: str) -> Dict[str, Any]:
+    """Read and hashed once: a bundle never changes under its agent (get_status is asked often)."""
     try:
         with open(path, "rb") as stream:
             return {"path": path, "sha256": hashlib.sha256(stream.read()).hexdigest()}

@@ -97,7 +97,7 @@ async def cmd_converge(fleet: Fleet, inventory: Inventory, ids: List[str], args:
         if args.watch:
             from .watch import Watch
 
-            return await Watch(fleet, store, ids, plan, retry_every=args.retry_every, key=key).run()
+            return await Watch(fleet, store, ids, plan, retry_every=args.retry_every, key=key, say=say).run()
         await push_revocations(fleet, inventory, ids, args)
         desired = store.desired(ids)
         say(f"converging {len(desired)} device(s) with a desired release"

@@ -15,11 +15,12 @@ Ctrl-C) stops it cleanly: the batch in flight finishes, then it exits 0.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
-from typing import Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 
-from .cli_common import EXIT_OK, say
+from .cli_common import EXIT_OK
 from .converge import desired_targets, run_recorded
 from .fileset import FileSet
 from .fleet import Fleet, ResultCallback
@@ -29,22 +30,25 @@ from .rollout import RolloutPlan
 from .state import StateStore
 from .tables import progress_detail
 
+log = logging.getLogger(__name__)
+
 POLL = 0.5  # seconds between looks at the store for desired releases set by another controller
 
 
 class Watch:
     """``await Watch(...).run()`` until ``stop()`` (or SIGTERM); ``on_result`` gets each device's result
-    (default: a line on stderr for each one that was not already on its release)."""
+    (default: a line through ``say`` for each one that was not already on its release)."""
 
     def __init__(self, fleet: Fleet, store: StateStore, ids: List[str], plan: RolloutPlan, *,
                  retry_every: float = 1.0, on_result: Optional[ResultCallback] = None,
-                 key: Optional[SigningKey] = None) -> None:
+                 key: Optional[SigningKey] = None, say: Callable[[str], None] = log.info) -> None:
         if retry_every <= 0:
             from .errors import ConfigError
 
             raise ConfigError("--retry-every must be a positive number of seconds")
         self.fleet, self.store, self.ids, self.plan = fleet, store, ids, plan
         self.retry_every = retry_every
+        self.say = say  # what it does, in lines (the CLI prints them; a library user gets them in the log)
         self.key = key  # signs what it pushes, where a file has no signature by it yet
         self.pending: Set[str] = set()
         self.wake = asyncio.Event()
@@ -57,7 +61,7 @@ class Watch:
 
     def stop(self) -> None:
         if not self.stopping:
-            say("fleet: stopping: the batch in flight finishes first")
+            self.say("fleet: stopping: the batch in flight finishes first")
         self.stopping = True
         self.wake.set()
 
@@ -71,14 +75,14 @@ class Watch:
             loop.add_signal_handler(sig, self.stop)
         try:
             for rollout, devices in self.store.adopt_interrupted(by="fleet converge --watch").items():
-                say(f"rollout {rollout} was interrupted: its {len(devices)} remaining device(s) were given its release")
+                self.say(f"rollout {rollout} was interrupted: its {len(devices)} remaining device(s) were given its release")
                 self.pending.update(devices)
             self._desired_changes()
             self.fleet.watch(self._online, self.retry_every, self.ids)
             await self.fleet.connect(targets=self.ids)
             await self._converge_pending()  # the devices online now, first
             online = sum(self.fleet.connected(d) for d in self.ids)
-            say(f"watching {len(self.ids)} device(s), {len(self.desired)} with a desired release, {online} online; "
+            self.say(f"watching {len(self.ids)} device(s), {len(self.desired)} with a desired release, {online} online; "
                 "SIGTERM or Ctrl-C stops")
             self.ready.set()
             while not self.stopping:
@@ -93,7 +97,7 @@ class Watch:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-        say("fleet: stopped")
+        self.say("fleet: stopped")
         return EXIT_OK
 
     def _desired_changes(self) -> None:
@@ -115,8 +119,7 @@ class Watch:
         targets = desired_targets(self.store, batch, self.releases, self.key)
         await run_recorded(self.fleet, self.store, "converge", targets, self.plan, self.on_result, record_idle=False)
 
-    @staticmethod
-    def _line(result: DeviceResult) -> None:
+    def _line(self, result: DeviceResult) -> None:
         if result.status is Status.SKIPPED and not result.note.startswith("not attempted"):
             return  # already on its release: nothing was done
-        say(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {progress_detail(result)}")
+        self.say(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {progress_detail(result)}")

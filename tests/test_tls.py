@@ -75,7 +75,8 @@ async def test_a_controller_with_the_fleets_certificate_pings_deploys_rolls_back
 ])
 async def test_refused_controller_certificates_run_nothing_and_say_why(start_agent, pki, who, words):
     agent = await start_agent(handlers={"mark": MARK}, tls=pki.agent_files("d0"))
-    revoked = pki.ca.revoke("lost-laptop") if who == "lost" else None  # after the agent started: re-read
+    if who == "lost":
+        assert pki.ca.revoke("lost-laptop")  # after the agent started: it re-reads its list
     issued = getattr(pki, who)
     client = ClientTLS(pki.ca.cert_path, issued.cert, issued.key)
     async with Fleet([tls_device(agent, "d0", client)]) as fleet:
@@ -83,7 +84,6 @@ async def test_refused_controller_certificates_run_nothing_and_say_why(start_age
     assert result.status is Status.FAILED and result.code == "tls_failed", result
     assert words in result.error, result.error
     assert not (agent.config.root / "marked").exists()
-    assert revoked is None or revoked
 
 
 async def test_a_plain_connection_to_a_tls_agent_runs_nothing_and_says_to_set_tls(start_agent, pki):
