@@ -40,7 +40,7 @@ test-agent-py39:
 ifeq ($(PY39),)
 	@echo "python3.9 not found: skipping the check that the agent compiles and imports on Python 3.9"
 else
-	$(PY39) -m compileall -q agent && $(PY39) -c "import agent.app, agent.cli, agent.checks, agent.contract, agent.tls, agent.signatures" && echo "agent: compiles and imports on $$($(PY39) --version)"
+	$(PY39) -m compileall -q agent && $(PY39) -c "import agent.app, agent.cli, agent.checks, agent.contract, agent.tls, agent.tls_transport, agent.signatures" && echo "agent: compiles and imports on $$($(PY39) --version)"
 endif
 
 test-node: $(STAMP)

@@ -112,24 +112,30 @@ def over_budget(connections: Iterable[Tuple[C, ConnectionState]], budget: int) -
     return chosen
 
 
+WRONG_TOKEN_REFUSALS = "request(s) with a missing or wrong token"
+HANDSHAKE_REFUSALS = "TLS connection(s) whose certificate was refused or whose handshake did not finish in time"
+NOT_CONTROLLER_REFUSALS = "TLS connection(s) with a certificate that is not a controller's"
+
+
 class FailedLogins:
-    """Rate-limited reporting of requests with a missing or wrong token, per peer address."""
+    """Rate-limited reporting of refused clients (``*_REFUSALS``), per peer address and kind of refusal."""
 
     def __init__(self, interval: float = FAILED_LOGIN_LOG_INTERVAL) -> None:
         self.interval = interval
-        self._since: Dict[str, Tuple[float, int]] = {}  # peer -> (when last logged, failures since)
+        self._since: Dict[Tuple[str, str], Tuple[float, int]] = {}  # (peer, kind) -> (when last logged, since)
 
-    def record(self, peer: str, now: float) -> Optional[str]:
-        """Count one failure; the line to log now, or None while this peer's interval runs."""
-        logged, count = self._since.get(peer, (None, 0))
+    def record(self, peer: str, now: float, kind: str = WRONG_TOKEN_REFUSALS) -> Optional[str]:
+        """Count one refusal; the line to log now, or None while this peer's interval runs."""
+        key = (peer, kind)
+        logged, count = self._since.get(key, (None, 0))
         count += 1
         if logged is not None and now - logged < self.interval:
-            self._since[peer] = (logged, count)
+            self._since[key] = (logged, count)
             return None
-        self._since[peer] = (now, 0)
+        self._since[key] = (now, 0)
         if len(self._since) > 4096:  # many peers: forget the ones logged longest ago
             for old in sorted(self._since, key=lambda p: self._since[p][0])[:1024]:
                 del self._since[old]
         if logged is None:
-            return f"refused a request with a missing or wrong token from {peer}"
-        return f"refused {count} request(s) with a missing or wrong token from {peer} in the last {now - logged:.0f} s"
+            return f"refused 1 {kind} from {peer}"
+        return f"refused {count} {kind} from {peer} in the last {now - logged:.0f} s"

@@ -31,7 +31,10 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Optional, Set, Tuple, Un
 if TYPE_CHECKING:
     import ssl  # only for the annotation: the agent imports ssl only when TLS is on
 
-from .admission import ConnectionState, Deadlines, FailedLogins, expired, over_budget, pick_victim
+    from .tls_transport import TLSListener
+
+from .admission import (HANDSHAKE_REFUSALS, NOT_CONTROLLER_REFUSALS, WRONG_TOKEN_REFUSALS, ConnectionState, Deadlines,
+                        FailedLogins, expired, over_budget, pick_victim)
 from .dispatch import Dispatcher
 from .errors import WRONG_TOKEN, AgentError, Busy, InternalError, ShuttingDown, Timeout, TooLarge, Unauthorized
 from .protocol import LineReader, error_line, parse_request, request_id_of
@@ -82,7 +85,7 @@ class _Connection(asyncio.BufferedProtocol):
         if server.tls_role_check is not None:
             refusal = server.tls_role_check(transport)
             if refusal is not None:  # counted with failed logins: summarised in the log, never a line each
-                server.login_failed(self.peer)
+                server.login_failed(self.peer, NOT_CONTROLLER_REFUSALS)
                 log.debug("%s from %s", refusal, self.peer)
                 self._closed = True
                 transport.abort()
@@ -134,11 +137,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._server.hold(before, held)
 
     def eof_received(self) -> bool:
-        # The client is done sending; answer what it asked, then close. (Over TLS the connection
-        # cannot stay half open: asyncio closes it whatever this returns, so say so.)
+        # The client is done sending; answer what it asked, then close.
         self._close_when_flushed = True
         self._flush()
-        return self._transport is None or self._transport.get_extra_info("sslcontext") is None
+        return True
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._closed = True
@@ -305,6 +307,7 @@ class AgentServer:
         self.failed_logins = FailedLogins()
         self.now = time.monotonic
         self._server: Optional[asyncio.AbstractServer] = None
+        self._tls_listener: "Optional[TLSListener]" = None
         self._sweeper: Optional[asyncio.TimerHandle] = None
         self._closed_since_sweep: Counter = Counter()
         self.tls_role_check: Optional[Callable[[asyncio.Transport], Optional[str]]] = None  # set with TLS on
@@ -337,8 +340,8 @@ class AgentServer:
         self.buffered -= conn.state.buffered
         conn.state.buffered = 0
 
-    def login_failed(self, peer: Any) -> None:
-        line = self.failed_logins.record(peer[0] if isinstance(peer, tuple) else str(peer), self.now())
+    def login_failed(self, peer: Any, kind: str = WRONG_TOKEN_REFUSALS) -> None:
+        line = self.failed_logins.record(peer[0] if isinstance(peer, tuple) else str(peer), self.now(), kind)
         if line is not None:
             log.warning("%s", line)
 
@@ -360,16 +363,24 @@ class AgentServer:
         self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
 
     async def start(self, host: str, port: int, tls: Optional["ssl.SSLContext"] = None) -> Tuple[str, int]:
-        """Listen on ``host:port``; with ``tls``, every connection is TLS (see ``agent/tls.py``)."""
+        """Listen on ``host:port``; with ``tls``, every connection is TLS (see ``agent/tls_transport.py``)."""
         loop = asyncio.get_running_loop()
         # The backlog is generous: the system the seed documents used listen(5)
         # and left most of 1,000 simultaneous connections unanswered.
-        self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, backlog=1024, reuse_address=True, ssl=tls,
-            ssl_handshake_timeout=self.deadlines.unauthenticated_idle if tls is not None else None,
-        )
+        if tls is None:
+            self._server = await loop.create_server(
+                lambda: _Connection(self), host, port, backlog=1024, reuse_address=True)
+            sockets = list(self._server.sockets)
+        else:
+            from .tls_transport import TLSListener, listening_sockets
+
+            self._tls_listener = TLSListener(
+                await listening_sockets(host, port, backlog=1024), tls, lambda: _Connection(self),
+                handshake_timeout=self.deadlines.unauthenticated_idle, max_handshakes=self.max_connections,
+                on_failure=lambda peer: self.login_failed(peer, HANDSHAKE_REFUSALS))
+            sockets = list(self._tls_listener.sockets)
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
-        sockname = self._server.sockets[0].getsockname()
+        sockname = sockets[0].getsockname()
         return sockname[0], sockname[1]
 
     async def close(self, grace: float) -> None:
@@ -379,6 +390,8 @@ class AgentServer:
             self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
+        if self._tls_listener is not None:
+            self._tls_listener.close()
         draining = {conn: conn.start_draining() for conn in list(self.connections)}
         if draining:
             _, not_done = await asyncio.wait(list(draining.values()), timeout=grace)

@@ -44,6 +44,7 @@ def server_context(files: TLSFiles) -> ssl.SSLContext:
     """A server context: TLS 1.2+, this device's certificate, client certificates required from the CA."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION  # the transport (agent/tls_transport.py) never reads to write
     context.verify_mode = ssl.CERT_REQUIRED
     _load(context.load_cert_chain, files.cert, "certificate and key", certfile=str(files.cert), keyfile=str(files.key))
     _load(context.load_verify_locations, files.ca, "CA certificate", cafile=str(files.ca))

@@ -8,6 +8,7 @@ process, for what only a real process shows (signals, exit codes, kill -9).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import json
 import os
@@ -24,6 +25,9 @@ import pytest
 from agent.app import Agent
 from agent.contract import listening_address
 from agent.config import AgentConfig
+from agent.tls import TLSFiles
+from fleet.ca import FleetCA
+from fleet.tls import ClientTLS
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -177,6 +181,17 @@ async def connect():
         await client.close()
 
 
+def python39() -> Optional[str]:
+    """A Python 3.9 that runs (the agent's oldest target): on PATH or in pyenv; None if there is none."""
+    for candidate in (shutil.which("python3.9"), "/root/.pyenv/versions/3.9.18/bin/python3.9"):
+        if candidate and Path(candidate).exists():
+            probe = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"],
+                                   capture_output=True, text=True)
+            if probe.returncode == 0 and "(3, 9)" in probe.stdout:
+                return candidate
+    return None
+
+
 class AgentProcess:
     """``python -m agent`` in a child process, started and read until it listens."""
 
@@ -236,3 +251,32 @@ def agents(tmp_path):
 
     with LocalAgents(tmp_path / "agents") as local:
         yield local
+
+
+class PKI:
+    """A fleet CA with two devices and controllers in every state; and a second, unrelated CA."""
+
+    def __init__(self, folder: Path) -> None:
+        self.ca = FleetCA(folder / "ca")
+        self.ca.init()
+        self.devices = {d: self.ca.issue(d, folder / d) for d in ("d0", "d1")}
+        self.controller = self.ca.issue("laptop", folder / "laptop", kind="controller")
+        self.lost = self.ca.issue("lost-laptop", folder / "lost", kind="controller")
+        long_ago = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
+        self.expired = self.ca.issue("old-laptop", folder / "old", kind="controller", days=1, valid_from=long_ago)
+        other = FleetCA(folder / "other-ca")
+        other.init(name="someone else's CA")
+        self.stranger = other.issue("laptop", folder / "stranger", kind="controller")
+
+    def agent_files(self, device_id: str) -> TLSFiles:
+        issued = self.devices[device_id]
+        return TLSFiles(issued.cert, issued.key, issued.ca, self.ca.crl_path)
+
+    def client(self, issued=None) -> ClientTLS:
+        issued = issued or self.controller
+        return ClientTLS(self.ca.cert_path, issued.cert, issued.key)
+
+
+@pytest.fixture
+def pki(tmp_path):
+    return PKI(tmp_path / "pki")

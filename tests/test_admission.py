@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from agent.admission import (DEFAULT_MAX_BUFFERED_BYTES, ConnectionState, Deadlines, FailedLogins, expired,
+from agent.admission import (DEFAULT_MAX_BUFFERED_BYTES, HANDSHAKE_REFUSALS, ConnectionState, Deadlines, FailedLogins, expired,
                              over_budget, pick_victim)
 from agent.protocol import DEFAULT_MAX_LINE_BYTES, DEFAULT_READ_SIZE
 from conftest import REPLY_TIMEOUT, Client
@@ -59,11 +59,13 @@ def test_over_the_memory_budget_the_largest_holders_go_strangers_first():
 
 def test_failed_logins_are_reported_once_per_peer_per_interval_with_a_count():
     logins = FailedLogins(interval=60)
-    assert logins.record("10.0.0.9", 0.0) == "refused a request with a missing or wrong token from 10.0.0.9"
+    assert logins.record("10.0.0.9", 0.0) == "refused 1 request(s) with a missing or wrong token from 10.0.0.9"
     assert [logins.record("10.0.0.9", t) for t in (1.0, 2.0, 59.0)] == [None, None, None]
     assert logins.record("10.0.0.8", 3.0) is not None  # another peer has its own interval
     assert logins.record("10.0.0.9", 61.0) == (
         "refused 4 request(s) with a missing or wrong token from 10.0.0.9 in the last 61 s")
+    assert logins.record("10.0.0.9", 62.0, HANDSHAKE_REFUSALS) == (  # another kind of refusal is counted apart
+        f"refused 1 {HANDSHAKE_REFUSALS} from 10.0.0.9")
 
 
 async def half_lines(address, count):
@@ -152,7 +154,7 @@ async def test_failed_logins_are_logged_rate_limited_without_the_token(start_age
     finally:
         await client.close()
     lines = [r.getMessage() for r in caplog.records if "wrong token" in r.getMessage()]
-    assert lines == ["refused a request with a missing or wrong token from 127.0.0.1"]
+    assert lines == ["refused 1 request(s) with a missing or wrong token from 127.0.0.1"]
     assert not any("guess" in r.getMessage() or TOKEN in r.getMessage() for r in caplog.records)
 
 

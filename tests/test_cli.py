@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Client, fixture_text, scripted, wait_until
+from conftest import REPO, Client, fixture_text, python39, scripted, wait_until
 
 
 def run_agent_cli(*args, env=None):
@@ -117,22 +117,12 @@ async def test_token_from_file_and_from_environment(tmp_path, spawn_agent):
     await client.close()
 
 
-def _python39():
-    for candidate in (shutil.which("python3.9"), "/root/.pyenv/versions/3.9.18/bin/python3.9"):
-        if candidate and Path(candidate).exists():
-            probe = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"],
-                                   capture_output=True, text=True)
-            if probe.returncode == 0 and "(3, 9)" in probe.stdout:
-                return candidate
-    return None
-
-
-@pytest.mark.skipif(_python39() is None, reason="no Python 3.9 on this machine")
+@pytest.mark.skipif(python39() is None, reason="no Python 3.9 on this machine")
 async def test_agent_runs_on_python_3_9_standard_library_only(tmp_path, spawn_agent):
     # Run from a copy of the agent/ folder alone: what a Pi without internet would do.
     copy = tmp_path / "copied"
     shutil.copytree(REPO / "agent", copy / "agent", ignore=shutil.ignore_patterns("__pycache__"))
-    proc = spawn_agent(python=_python39(), cwd=copy, env={"PYTHONPATH": "", "PYTHONNOUSERSITE": "1"})
+    proc = spawn_agent(python=python39(), cwd=copy, env={"PYTHONPATH": "", "PYTHONNOUSERSITE": "1"})
     client = await Client.connect(proc.address)
     status = await client.call("get_status")
     assert status["python_version"].startswith("3.9")

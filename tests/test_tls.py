@@ -1,6 +1,5 @@
 """Mutual TLS over real sockets: the fleet CA's certificates, the agent's checks, and the controller's."""
 
-import datetime
 import json
 import os
 from pathlib import Path
@@ -8,45 +7,14 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentConfig, ConfigError
-from agent.tls import TLSFiles
 from conftest import sha
 from fleet import Device, Fleet, RolloutPlan, Status, deploy
-from fleet.ca import FleetCA
 from fleet.tls import ClientTLS
 
 V1 = "VERSION = 1\n\ndef handle_version(data):\n    return {'version': VERSION}\n"
 V2 = V1.replace("VERSION = 1", "VERSION = 2")
 MARK = ("import os\n\ndef handle_mark(data):\n    open(os.path.join(os.path.dirname(__file__), '..', 'marked'), 'w')"
         ".close()\n    return {}\n")
-
-
-class PKI:
-    """A fleet CA with two devices and controllers in every state; and a second, unrelated CA."""
-
-    def __init__(self, folder: Path) -> None:
-        self.ca = FleetCA(folder / "ca")
-        self.ca.init()
-        self.devices = {d: self.ca.issue(d, folder / d) for d in ("d0", "d1")}
-        self.controller = self.ca.issue("laptop", folder / "laptop", kind="controller")
-        self.lost = self.ca.issue("lost-laptop", folder / "lost", kind="controller")
-        long_ago = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
-        self.expired = self.ca.issue("old-laptop", folder / "old", kind="controller", days=1, valid_from=long_ago)
-        other = FleetCA(folder / "other-ca")
-        other.init(name="someone else's CA")
-        self.stranger = other.issue("laptop", folder / "stranger", kind="controller")
-
-    def agent_files(self, device_id: str) -> TLSFiles:
-        issued = self.devices[device_id]
-        return TLSFiles(issued.cert, issued.key, issued.ca, self.ca.crl_path)
-
-    def client(self, issued=None) -> ClientTLS:
-        issued = issued or self.controller
-        return ClientTLS(self.ca.cert_path, issued.cert, issued.key)
-
-
-@pytest.fixture
-def pki(tmp_path):
-    return PKI(tmp_path / "pki")
 
 
 def tls_device(agent, device_id, tls):
