@@ -38,6 +38,7 @@ from .store import HandlerStore
 if TYPE_CHECKING:
     import ssl
 
+    from .broker_link import BrokerLink
     from .signatures import Trust
     from .tls import ServerTLS
 
@@ -59,6 +60,7 @@ class Agent:
         self.address: Optional[Tuple[str, int]] = None
         self._probe: "Optional[asyncio.Future[None]]" = None
         self.tls: "Optional[ServerTLS]" = None  # with --tls-*: the listener's context, re-read on CRL changes
+        self.broker_link: "Optional[BrokerLink]" = None  # with --broker
         self._root_lock = RootLock(config.root)
         self._closed = False
         # Set when stuck threads pass the limit under a supervisor: the agent should exit and be restarted.
@@ -130,6 +132,8 @@ class Agent:
         self._root_lock.acquire()  # RootInUse: another agent runs here
         await self.recovery.start()
         self.address = await self.server.start(self.config.host, self.config.port, tls=self._tls_context())
+        if self.config.broker is not None:
+            self._start_broker_link()
         # Which of the box's protections hold: known already if handlers were import-tested at start,
         # else learned in the background, so that a box being set up never delays the first reply.
         self._probe = asyncio.ensure_future(self._report_isolation())
@@ -139,6 +143,21 @@ class Agent:
             len(self.registry.modules), len(self.registry.failed),
         )
         return self.address
+
+    def _start_broker_link(self) -> None:
+        from .broker_link import BrokerLink
+
+        assert self.config.broker is not None and self.config.device_id is not None
+        self.broker_link = BrokerLink(self.config.broker, self.config.device_id, self.dispatcher,
+                                      birth=self._birth, tls=self.config.tls, max_in_flight=self.config.max_pipelined,
+                                      max_request_bytes=self.config.max_line_bytes)
+        self.broker_link.start()
+
+    def _birth(self) -> Dict[str, Any]:
+        """What the broker's retained status says of this agent while it is online."""
+        modules = self.registry.modules
+        return {"agent_version": __version__, "started_at": self.started_at,
+                "handlers": {f"{name}.py": modules[name].sha256 for name in sorted(modules)}}
 
     def _tls_context(self) -> "Optional[ssl.SSLContext]":
         if self.config.tls is None:
@@ -166,7 +185,10 @@ class Agent:
         self._closed = True
         if self._probe is not None:
             self._probe.cancel()
-        await self.server.close(self.config.shutdown_grace)
+        closing = [self.server.close(self.config.shutdown_grace)]
+        if self.broker_link is not None:
+            closing.append(self.broker_link.close(self.config.shutdown_grace))
+        await asyncio.gather(*closing)
         self.recovery.close()
         self.pipeline.close()
         await asyncio.get_running_loop().run_in_executor(self._work_pool, self.tester.close)

@@ -122,6 +122,13 @@ def _add_security_options(parser: argparse.ArgumentParser) -> None:
     tls.add_argument("--tls-ca", metavar="FILE", help="the fleet CA's certificate: clients must present one it signed")
     tls.add_argument("--tls-crl", metavar="FILE",
                      help="revoked certificates (PEM CRL from `fleet ca revoke`), re-read when the file changes")
+    broker = parser.add_argument_group(
+        "broker", "Also serve through an MQTT broker, for a device the controller cannot reach (NAT, 4G): the agent "
+                  "connects out, keeps the connection, and applies the release the controller left for it there. "
+                  "Over mqtts the --tls-* files are its identity at the broker. Needs python3-paho-mqtt (the agent "
+                  "bundle carries it)")
+    broker.add_argument("--broker", metavar="URL", help="mqtts://HOST[:8883], or mqtt://HOST[:1883] on loopback")
+    broker.add_argument("--device-id", metavar="ID", help="this device's id, as in the controller's devices.json")
     parser.add_argument("--trusted-keys", metavar="DIR",
                         help="run only handler code signed by one of the release keys in DIR (*.pub, from `fleet "
                              "keys init`): unsigned or badly signed pushes, rollbacks and files found at start are "
@@ -212,6 +219,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         insecure=args.insecure,
         tls=tls_files(args),
         trusted_keys=trusted_keys(args),
+        broker=args.broker,
+        device_id=args.device_id,
         sandbox_user=args.sandbox_user,
         supervised=args.supervised,
         max_stuck_threads=args.max_stuck_threads,

@@ -55,6 +55,8 @@ class AgentConfig:
     insecure: bool = False
     tls: Optional["TLSFiles"] = None  # mutual TLS (agent/tls.py); the certificate then identifies the client
     trusted_keys: Optional[Path] = None  # run only code signed by one of these keys (agent/signatures.py)
+    broker: Optional[str] = None  # also serve through this MQTT broker (agent/broker_link.py), as device_id
+    device_id: Optional[str] = None
     sandbox_user: str = DEFAULT_SANDBOX_USER  # the import test runs as this user when the agent is root
     supervised: bool = False  # a supervisor restarts the agent: exit when stuck threads pass the limit
     # Timeouts
@@ -101,12 +103,36 @@ class AgentConfig:
         if not _user_exists(self.sandbox_user):
             raise ConfigError(f"no user {self.sandbox_user!r} on this system for the import test's box "
                               "(--sandbox-user); name an existing unprivileged user, such as nobody")
+        self._check_broker()
         if self.token is None and self.tls is None and not self.insecure and not is_loopback(self.host):
             raise ConfigError(
                 f"refusing to listen on {self.host} without a token or TLS: anyone on the network could "
                 f"push code. Give --tls-cert/--tls-key/--tls-ca (mutual TLS), or --token-file or {TOKEN_ENV}, "
                 "or pass --insecure if you really mean it"
             )
+
+
+    def _check_broker(self) -> None:
+        if self.broker is None:
+            if self.device_id is not None:
+                raise ConfigError("--device-id is this device's name at an MQTT broker: give --broker too")
+            return
+        from .contract import DEVICE_ID, broker_address
+
+        try:
+            secure, host, _port = broker_address(self.broker)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.device_id is None or not DEVICE_ID.match(self.device_id):
+            raise ConfigError("--broker needs --device-id ID: 1-64 letters, digits, '_', '.' or '-', as in the "
+                              "controller's devices.json")
+        if not secure and not self.insecure and not is_loopback(host):
+            raise ConfigError(f"refusing plain MQTT to {host}: whoever can reach that broker could command this "
+                              "device. Use mqtts:// with --tls-cert/--tls-key/--tls-ca, or pass --insecure if you "
+                              "really mean it")
+        if secure and self.tls is None:
+            raise ConfigError(f"{self.broker}: mqtts needs --tls-cert, --tls-key and --tls-ca (this device's "
+                              "certificate is its identity at the broker)")
 
 
 def _user_exists(name: str) -> bool:

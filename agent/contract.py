@@ -70,12 +70,51 @@ def key_id(raw_public_key: bytes) -> str:
 # controllers as clients, so the certificate of a lost or stolen Pi cannot push code to the other Pis.
 CONTROLLER_ROLE = "pifleet controller"
 DEVICE_ROLE = "pifleet device"
+BROKER_ROLE = "pifleet broker"  # an MQTT broker's server certificate: it commands nothing
 
 
 # The line pi-agent prints once it accepts connections: "pi-agent 0.1.0 listening on 127.0.0.1:3000 (...)"
 LISTENING = "listening on"
 
 _FILENAME = re.compile(r"^(?:handlers/)?([A-Za-z][A-Za-z0-9_]*)\.py$")
+
+# Through an MQTT broker (agent/broker_link.py, fleet/broker.py): each device has a topic tree of its own, so a
+# broker's access list can give each device's identity its own tree and nothing else (deploy/mosquitto/).
+TOPIC_ROOT = "pifleet"
+REQUEST_TOPIC = "req"  # pifleet/<id>/req: requests to the device, each naming its reply topic in "reply_to"
+REPLY_TOPIC = "reply"  # pifleet/<id>/reply/<controller>: the device's replies, matched by "id"
+STATUS_TOPIC = "status"  # retained: {"online": true, ...} from the device; its last will says false
+DESIRED_TOPIC = "desired"  # retained: the release the device should run, from the controller
+REPORTED_TOPIC = "reported"  # retained: the release the device runs, from the device
+BLOB_TOPIC = "blobs"  # pifleet/blobs/<sha256>, retained: one file's code, shared by every device that runs it
+DEVICE_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")  # also the rule for devices.json ids: no MQTT wildcards
+BROKER_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+def device_topic(device_id: str, leaf: str) -> str:
+    return f"{TOPIC_ROOT}/{device_id}/{leaf}"
+
+
+def reply_topic(device_id: str, controller: str) -> str:
+    return f"{TOPIC_ROOT}/{device_id}/{REPLY_TOPIC}/{controller}"
+
+
+def blob_topic(sha256: str) -> str:
+    return f"{TOPIC_ROOT}/{BLOB_TOPIC}/{sha256}"
+
+
+def broker_address(url: str) -> Tuple[bool, str, int]:
+    """``(tls, host, port)`` from ``mqtts://HOST[:PORT]`` or ``mqtt://HOST[:PORT]``; ValueError says what is wrong."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in BROKER_PORTS:
+        raise ValueError(f"broker {url!r}: give mqtts://HOST[:PORT] (TLS, port 8883 by default) or mqtt://HOST[:PORT]")
+    host, colon, port = rest.rstrip("/").rpartition(":") if rest.count(":") == 1 else (rest.rstrip("/"), "", "")
+    if not colon:
+        host, port = rest.rstrip("/"), str(BROKER_PORTS[scheme])
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"broker {url!r}: expected {scheme}://HOST[:PORT] with a port from 1 to 65535")
+    return scheme == "mqtts", host, int(port)
+
 
 
 def listening_address(line: str) -> Optional[Tuple[str, int]]:

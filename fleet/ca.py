@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import datetime
 import json
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.contract import CONTROLLER_ROLE, DEVICE_ROLE
+from agent.contract import BROKER_ROLE, CONTROLLER_ROLE, DEVICE_ROLE
 
 from .errors import ConfigError
 
@@ -90,8 +91,10 @@ class FleetCA:
         self._write_crl([])
 
     def issue(self, device_id: str, out: Path, *, days: int = DEVICE_DAYS, valid_from: Optional[datetime.datetime] = None,
-              kind: str = "device") -> Issued:
-        """A key and certificate for ``device_id`` (a device: server and client auth) in ``out``, with ca.crt."""
+              kind: str = "device", hosts: Sequence[str] = ()) -> Issued:
+        """A key and certificate for ``device_id`` in ``out``, with ca.crt. ``kind``: a device (server and client
+        auth), a controller (client), or an MQTT broker (server, for ``hosts``: the names and addresses clients
+        dial, which TLS checks)."""
         ca_key, ca_cert = self._load()
         index = self._index()
         if any(e["name"] == device_id and e["kind"] == kind and not e["revoked"] for e in index):
@@ -99,16 +102,16 @@ class FleetCA:
                               f"(`fleet ca revoke {device_id}`) to issue another")
         key = ec.generate_private_key(ec.SECP256R1())
         start = valid_from or (_now() - _SKEW)
-        usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if kind == "device" else [])
+        usages = {"device": [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH],
+                  "controller": [ExtendedKeyUsageOID.CLIENT_AUTH], "broker": [ExtendedKeyUsageOID.SERVER_AUTH]}[kind]
         serial = x509.random_serial_number()
         cert = (x509.CertificateBuilder()
                 .subject_name(x509.Name([
-                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, DEVICE_ROLE if kind == "device"
-                                       else CONTROLLER_ROLE),
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ROLES[kind]),
                     x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
                 .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(serial)
                 .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(device_id)]), critical=False)
+                .add_extension(x509.SubjectAlternativeName(_alt_names(hosts or [device_id])), critical=False)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
@@ -177,6 +180,20 @@ class FleetCA:
 
 
 _SKEW = datetime.timedelta(minutes=5)  # a Pi's clock may run a little behind the controller's
+
+
+ROLES = {"device": DEVICE_ROLE, "controller": CONTROLLER_ROLE, "broker": BROKER_ROLE}
+
+
+def _alt_names(hosts: Sequence[str]) -> List[x509.GeneralName]:
+    """Subject alternative names: an IP address as one, anything else as a DNS name."""
+    names: List[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return names
 
 
 def _now() -> datetime.datetime:

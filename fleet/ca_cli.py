@@ -37,7 +37,10 @@ def add_commands(sub: Any, make: Any, parents: List[argparse.ArgumentParser]) ->
                                             "service)", "fleet ca issue-controller ci")
     controller.add_argument("name", metavar="NAME", nargs="?", default="controller",
                             help="a name for this controller (default: controller)")
-    for parser in (issue, controller):
+    broker = action("issue-broker", "a key and certificate for the MQTT broker (Mosquitto), valid for the names and "
+                                    "addresses devices and controllers dial", "fleet ca issue-broker broker.example.com")
+    broker.add_argument("hosts", metavar="HOST", nargs="+", help="a DNS name or IP address of the broker")
+    for parser in (issue, controller, broker):
         parser.add_argument("--out", default=None, metavar="DIR", help="where to write them (default: under the "
                                                                        "CA's folder, issued/NAME/)")
         parser.add_argument("--days", type=int, default=DEVICE_DAYS, help=f"its life (default {DEVICE_DAYS})")
@@ -56,6 +59,15 @@ def run(args: argparse.Namespace, emit: Emit) -> int:
             f"made the fleet CA in {folder}: {ca.cert_path.name} (give it to every agent and controller), "
             f"{ca.key_path.name} (mode 0600: keep it here, or offline), {ca.crl_path.name} (revoked: none yet)",
             "next: `fleet ca issue DEVICE_ID` for each Pi, `fleet ca issue-controller` for this machine"]))
+    elif args.action == "issue-broker":
+        name = args.hosts[0]
+        out = Path(args.out) if args.out else folder / "issued" / name
+        issued = ca.issue(name, out, days=args.days, kind="broker", hosts=args.hosts)
+        emit({"name": name, "cert": str(issued.cert), "key": str(issued.key), "ca": str(issued.ca),
+              "serial": str(issued.serial)}, lines([
+                  f"wrote {issued.cert}, {issued.key} (mode 0600) and {issued.ca}",
+                  "`fleet broker config` writes a Mosquitto configuration that uses them (README: 'Devices behind "
+                  "NAT')"]))
     elif args.action in ("issue", "issue-controller"):
         device = args.action == "issue"
         name = args.device if device else args.name

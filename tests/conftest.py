@@ -280,3 +280,34 @@ class PKI:
 @pytest.fixture
 def pki(tmp_path):
     return PKI(tmp_path / "pki")
+
+
+@pytest.fixture(scope="session")
+def broker_pki(tmp_path_factory):
+    from mosquitto import BrokerPKI, MISSING, have_mosquitto
+
+    if not have_mosquitto():
+        pytest.skip(MISSING)
+    return BrokerPKI(tmp_path_factory.mktemp("broker-pki"))
+
+
+@pytest.fixture(scope="session")
+def broker(broker_pki, tmp_path_factory):
+    """One Mosquitto for the whole session (TLS and plain listeners on loopback)."""
+    from mosquitto import Mosquitto
+
+    server = Mosquitto(tmp_path_factory.mktemp("broker"), broker_pki)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_broker(broker_pki, tmp_path):
+    """A Mosquitto of the test's own, to restart at will."""
+    from mosquitto import Mosquitto
+
+    server = Mosquitto(tmp_path / "own-broker", broker_pki)
+    server.start()
+    yield server
+    server.stop()
