@@ -138,16 +138,20 @@ class BrokerLink:
             log.error("%s", self.last_error)
             return
         self.last_error = None
-        self.connections += 1
         self._client.subscribe([(self._topic(contract.REQUEST_TOPIC), 1), (self._topic(contract.DESIRED_TOPIC), 1)])
-        self.announce()
+        birth = self.announce()
+        self._loop.run_in_executor(None, _wait_published, birth).add_done_callback(lambda _: self._online())
+
+    def _online(self) -> None:
+        """The broker holds our birth message: from now on, anyone who looks sees this device online."""
+        self.connections += 1
         self.connected.set()
         log.info("connected to the broker %s as %s", self.url, self.device_id)
 
-    def announce(self) -> None:
+    def announce(self) -> Any:
         """Publish the retained birth message: online, and what this agent runs (called again after changes)."""
         birth = {"online": True, "device_id": self.device_id, **self._birth()}
-        self._client.publish(self._topic(contract.STATUS_TOPIC), json.dumps(birth), qos=1, retain=True)
+        return self._client.publish(self._topic(contract.STATUS_TOPIC), json.dumps(birth), qos=1, retain=True)
 
     def _on_disconnect(self, code: Any) -> None:
         self.connected.clear()

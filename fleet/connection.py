@@ -14,21 +14,20 @@ line limits and encoding by construction.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import math
 import random
 import ssl
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
-from agent.protocol import LineReader, address_request, decode_message, encode_shared_request, token_field
+from agent.protocol import LineReader, address_request, decode_message, token_field
 
 from .deadlines import Deadlines
 from .errors import (CommandTimeout, ConnectionLost, DeviceError, DeviceUnreachable, ProtocolError, TLSRefused,
                      WrongDevice)
 from .inventory import Device
-from .replies import reply_problem
+from .pending import PendingReplies, ReplyCallback, Requester
 from .tls import client_context, explain, identity_problem, refusal
 
 log = logging.getLogger(__name__)
@@ -46,20 +45,6 @@ TLS_CLOSE_GRACE = 1.0  # seconds a closing TLS connection may take to say goodby
 
 MessageCallback = Callable[[str, Dict[str, Any]], None]
 ConnectedCallback = Callable[[str], None]
-ReplyCallback = Callable[[Optional[Dict[str, Any]], Optional[DeviceError]], None]
-
-
-def _settle(future: "asyncio.Future[Dict[str, Any]]") -> ReplyCallback:
-    """A reply callback that completes ``future`` (unless its awaiter gave up on it)."""
-    def callback(reply: Optional[Dict[str, Any]], error: Optional[DeviceError]) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            assert reply is not None  # the contract: a reply or an error, never neither
-            future.set_result(reply)
-    return callback
 
 
 def on_the_tick(delay: float) -> float:
@@ -107,9 +92,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self._connection._on_lost(exc)
 
 
-class DeviceConnection:
-    _ids = itertools.count(1)
-
+class DeviceConnection(Requester):
     def __init__(
         self,
         device: Device,
@@ -132,7 +115,7 @@ class DeviceConnection:
         self.log = _DeviceLogger(log, {"device": device.id})
         self._token_field = token_field(device.token)
         self._transport: Optional[asyncio.Transport] = None
-        self._pending: Dict[int, Tuple[ReplyCallback, str]] = {}  # request id -> (callback, its command)
+        self._replies = PendingReplies(device.id, self.deadlines)
         self._connecting: Optional[asyncio.Future] = None
         self._closed = False
         self._background: Optional[asyncio.Task] = None
@@ -212,32 +195,6 @@ class DeviceConnection:
         if self.on_connected is not None:
             self.on_connected(self.device.id)
 
-    async def request(self, message: Dict[str, Any], timeout: Optional[float] = None) -> Dict[str, Any]:
-        """Send one request and return the agent's reply (which may say ``success: false``).
-
-        Raises ``DeviceUnreachable``, ``CommandTimeout`` or ``ProtocolError``; a
-        refusal is a reply, not an exception, and the caller decides what it means.
-        """
-        return await self.request_encoded(encode_shared_request(message), str(message.get("command")), timeout)
-
-    async def request_encoded(self, body: bytes, command: str, timeout: Optional[float] = None) -> Dict[str, Any]:
-        """``request`` for a body already encoded with ``encode_shared_request`` (one encoding, many devices)."""
-        if self._closed:
-            raise DeviceUnreachable(self.device.id, "this connection was closed with its Fleet; use a new Fleet")
-        if not self.connected:
-            await self.connect()
-        return await self.start_request(body, command, timeout)
-
-    def start_request(self, body: bytes, command: str, timeout: Optional[float] = None) -> "asyncio.Future[Dict[str, Any]]":
-        """Send a request encoded by ``encode_shared_request`` now; the future gets the reply or a ``DeviceError``.
-
-        The connection must be open. The body is encoded once for the whole
-        fleet; only this device's ``id`` and token are spliced in front of it.
-        """
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.send_with_callback(body, command, _settle(future), timeout)
-        return future
-
     def send_with_callback(self, body: bytes, command: str, callback: ReplyCallback,
                            timeout: Optional[float] = None) -> None:
         """The fan-out fast path: ``callback(reply, None)`` or ``callback(None, error)`` exactly once.
@@ -252,18 +209,8 @@ class DeviceConnection:
             if self._tls_refused:
                 raise TLSRefused(self.device.id, f"{self.device.address}: {self.last_error}")
             raise DeviceUnreachable(self.device.id, self.last_error or "not connected yet: call connect() first")
-        request_id = next(self._ids)
-        self.deadlines.add(self.request_timeout if timeout is None else timeout, self, request_id, command)
-        self._pending[request_id] = (callback, command)
+        request_id = self._replies.expect(callback, command, self.request_timeout if timeout is None else timeout)
         transport.write(address_request(body, request_id, self._token_field))
-
-    def _expire(self, request_id: int, command: str, limit: float) -> None:
-        waiting = self._pending.pop(request_id, None)
-        if waiting is not None:
-            waiting[0](None, CommandTimeout(
-                self.device.id,
-                f"no reply to {command!r} within {limit:g} s (the device is busy or hung; "
-                "a slow command needs a longer timeout)"))
 
     def _on_line(self, line: bytes) -> None:
         try:
@@ -273,23 +220,12 @@ class DeviceConnection:
                        "(is something other than pi-agent listening on this port?)")
             return
         self.last_reply_at = time.monotonic()
-        reply_id = reply.get("id")
-        # Only an int can be ours: a string "1", a float 1.0 or true (== 1) must not match request 1.
-        waiting = self._pending.pop(reply_id, None) if type(reply_id) is int else None
-        if waiting is not None:
-            callback, command = waiting
-            problem = reply_problem(command, reply)
-            if problem is None:
-                callback(reply, None)
-            else:  # this reply is refused, not the connection: the device may answer the next one well
-                callback(None, ProtocolError(self.device.id, f"its reply to {command!r} does not fit the protocol: "
-                                                             f"{problem}"))
-        elif self.on_message is not None:
+        if not self._replies.settle(reply) and self.on_message is not None:
             self.on_message(self.device.id, reply)
 
     def _drop(self, reason: str) -> None:
         self.last_error = reason
-        self._fail_pending(ProtocolError(self.device.id, reason))
+        self._replies.fail_all(ProtocolError(self.device.id, reason))
         if self._transport is not None:
             self._transport.abort()
 
@@ -299,15 +235,15 @@ class DeviceConnection:
             self._lost.set()
         if self.device.tls is not None and self._refused_us() and not self._closed:
             self.last_error, self._tls_refused = refusal(self.device.tls), True
-            self._fail_pending(TLSRefused(self.device.id, f"{self.device.address}: {self.last_error}"))
+            self._replies.fail_all(TLSRefused(self.device.id, f"{self.device.address}: {self.last_error}"))
             return
         if not self._closed:
             self.last_error = f"connection lost: {exc}" if exc else "connection closed by the device"
             if self.device.tls is None and (self.last_reply_at or 0) < self._opened:
                 self.last_error += (" without a word (an agent that speaks TLS closes plain connections: then give "
                                     "this device \"tls\": true in devices.json)")
-        if self._pending:
-            self._fail_pending(ConnectionLost(
+        if self._replies:
+            self._replies.fail_all(ConnectionLost(
                 self.device.id, f"{self.last_error or 'connection closed'} before it answered (it may or may not "
                 "have run the request)"))
 
@@ -315,11 +251,6 @@ class DeviceConnection:
         """A TLS connection closed before a single reply: the agent refused our certificate. (With TLS 1.3
         it checks the client's certificate after the handshake has completed on our side, and closes.)"""
         return self.device.tls is not None and (self.last_reply_at or 0) < self._opened
-
-    def _fail_pending(self, error: DeviceError) -> None:
-        pending, self._pending = self._pending, {}
-        for callback, _command in pending.values():
-            callback(None, error)
 
     async def _keep_alive(self) -> None:
         """Heartbeat while connected; reconnect with backoff and jitter after a drop."""

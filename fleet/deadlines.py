@@ -7,7 +7,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Deque, Dict, Optional, Tuple
 
 if TYPE_CHECKING:
-    from .connection import DeviceConnection
+    from .pending import PendingReplies
 
 
 class DeadlineQueue:
@@ -24,10 +24,10 @@ class DeadlineQueue:
     def __init__(self, limit: float, loop: asyncio.AbstractEventLoop) -> None:
         self.limit = limit
         self._loop = loop
-        self._queue: Deque[Tuple[float, "DeviceConnection", int, str]] = deque()
+        self._queue: Deque[Tuple[float, "PendingReplies", int, str]] = deque()
         self._timer: Optional[asyncio.TimerHandle] = None
 
-    def add(self, connection: "DeviceConnection", request_id: int, command: str) -> None:
+    def add(self, connection: "PendingReplies", request_id: int, command: str) -> None:
         queue = self._queue
         # Requests are mostly answered in the order they were sent: drop the answered ones at the
         # head now, so a busy fleet keeps about as many entries as it has requests in flight.
@@ -59,7 +59,7 @@ class Deadlines:
     def __init__(self) -> None:
         self._queues: Dict[float, DeadlineQueue] = {}
 
-    def add(self, limit: float, connection: "DeviceConnection", request_id: int, command: str) -> None:
+    def add(self, limit: float, connection: "PendingReplies", request_id: int, command: str) -> None:
         queue = self._queues.get(limit)
         if queue is None:  # bound to the running loop, like the connections themselves
             queue = self._queues[limit] = DeadlineQueue(limit, asyncio.get_running_loop())

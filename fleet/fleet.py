@@ -20,7 +20,7 @@ import functools
 import logging
 import time
 from collections import deque
-from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from agent import contract
 from agent.protocol import encode_shared_request
@@ -28,8 +28,13 @@ from agent.protocol import encode_shared_request
 from .connection import DeviceConnection, MessageCallback
 from .deadlines import Deadlines
 from .errors import CommandTimeout, DeviceError, DeviceUnreachable, UnknownDevice
-from .inventory import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_TOKEN_ENV, Device, Inventory
+from .inventory import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_TOKEN_ENV, BrokerRoute, Device, Inventory
 from .results import DeviceResult, Status
+
+if TYPE_CHECKING:
+    from .broker import BrokerConnection, BrokerSession
+
+Connection = Union[DeviceConnection, "BrokerConnection"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +62,8 @@ class Fleet:
         self.request_timeout = request_timeout
         self.keepalive = keepalive
         self.on_message = on_message
-        self._connections: Dict[str, DeviceConnection] = {}
+        self._connections: Dict[str, Connection] = {}
+        self._brokers: Dict[BrokerRoute, "BrokerSession"] = {}
         self._deadlines = Deadlines()  # one timer per distinct time limit, for every request of the fleet
         for device in devices:
             self.add_device(device)
@@ -73,6 +79,9 @@ class Fleet:
     def add_device(self, device: Device) -> None:
         if device.id in self._connections:
             raise ValueError(f"device {device.id!r} is already in the fleet")
+        if device.broker is not None:
+            self._connections[device.id] = self._through_broker(device)
+            return
         self._connections[device.id] = DeviceConnection(
             device,
             connect_timeout=self.connect_timeout,
@@ -81,6 +90,17 @@ class Fleet:
             on_message=self.on_message,
             deadlines=self._deadlines,
         )
+
+    def _through_broker(self, device: Device) -> "BrokerConnection":
+        """A device behind NAT: reached through its broker's session, one per broker for the whole fleet."""
+        from .broker import BrokerConnection, BrokerSession  # aiomqtt is imported only by fleets that use it
+
+        assert device.broker is not None
+        session = self._brokers.get(device.broker)
+        if session is None:
+            session = self._brokers[device.broker] = BrokerSession(device.broker, self.connect_timeout)
+        return BrokerConnection(device, session, request_timeout=self.request_timeout, deadlines=self._deadlines,
+                                on_message=self.on_message)
 
     async def connect(self, device_id: Optional[str] = None, *,
                       targets: Optional[Sequence[str]] = None) -> Dict[str, DeviceResult]:
@@ -204,6 +224,7 @@ class Fleet:
 
     async def close(self) -> None:
         await asyncio.gather(*(conn.close() for conn in self._connections.values()))
+        await asyncio.gather(*(session.close() for session in self._brokers.values()))
         self._deadlines.close()
 
     async def __aenter__(self) -> "Fleet":
@@ -212,7 +233,7 @@ class Fleet:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    def _connection(self, device_id: str) -> DeviceConnection:
+    def _connection(self, device_id: str) -> Connection:
         try:
             return self._connections[device_id]
         except KeyError:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from agent.contract import broker_address
+
 from .errors import ConfigError
 from .tls import ClientTLS
 
@@ -32,9 +34,19 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 
 _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _DEVICE_KEYS = {"id", "name", "host", "port", "type", "description", "tags", "token", "token_env", "token_file",
-                "tls", "ca", "cert", "key", "crl"}
-_DEFAULT_KEYS = {"port", "token_env", "timeout", "connect_timeout", "tls", "ca", "cert", "key", "crl"}
+                "tls", "ca", "cert", "key", "crl", "transport", "broker"}
+_DEFAULT_KEYS = {"port", "token_env", "timeout", "connect_timeout", "tls", "ca", "cert", "key", "crl", "transport",
+                 "broker"}
+TRANSPORTS = ("tcp", "mqtt")
 _TLS_FILES = ("ca", "cert", "key")  # with "tls": true, the fleet CA and this controller's certificate and key
+
+
+@dataclass(frozen=True)
+class BrokerRoute:
+    """How a device behind NAT is reached: through this MQTT broker (``fleet/broker.py``)."""
+
+    url: str  # mqtts://HOST[:PORT] or mqtt://HOST[:PORT]
+    tls: Optional[ClientTLS] = None  # with mqtts: the fleet CA, and this controller's certificate and key
 
 
 @dataclass(frozen=True)
@@ -49,11 +61,12 @@ class Device:
     token: Optional[str] = field(default=None, repr=False)  # never printed
     token_source: str = ""  # where the token comes from, for messages: "$CAM_TOKEN (not set)"
     tls: Optional[ClientTLS] = None  # reached over mutual TLS (fleet/tls.py)
+    broker: Optional[BrokerRoute] = None  # reached through an MQTT broker, not by connecting to host:port
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not _ID.match(self.id):
             raise ValueError("'id' must be 1-64 letters, digits, '_', '.' or '-'")
-        if not isinstance(self.host, str) or not self.host.strip():
+        if self.broker is None and (not isinstance(self.host, str) or not self.host.strip()):
             raise ValueError("'host' must be a hostname or an IP address")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
             raise ValueError(f"'port' must be a whole number from 1 to 65535, got {self.port!r}")
@@ -62,7 +75,7 @@ class Device:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.broker.url if self.broker is not None else f"{self.host}:{self.port}"
 
     @property
     def label(self) -> str:
@@ -143,7 +156,7 @@ def parse_inventory(data: Any, *, source: str = "<memory>", environ: Optional[Ma
             raise ConfigError(f"{where}: each device must be an object")
         if isinstance(entry.get("id"), str):
             where += f" ({entry['id']})"
-        for required in ("id", "host"):
+        for required in ("id",) if _transport(entry, defaults, where) == "mqtt" else ("id", "host"):
             if required not in entry:
                 raise ConfigError(f"{where}: missing required field {required!r}")
         unknown = set(entry) - _DEVICE_KEYS
@@ -158,6 +171,29 @@ def parse_inventory(data: Any, *, source: str = "<memory>", environ: Optional[Ma
     return Inventory(tuple(devices), timeout=timeout, connect_timeout=connect_timeout, source=source)
 
 
+def _transport(entry: Dict[str, Any], defaults: Dict[str, Any], where: str) -> str:
+    transport = entry.get("transport", defaults.get("transport", "tcp"))
+    if transport not in TRANSPORTS:
+        raise ConfigError(f"{where}: field 'transport' must be \"tcp\" (connect to host:port) or \"mqtt\" (through "
+                          "the broker named in 'broker')")
+    return str(transport)
+
+
+def _broker(entry: Dict[str, Any], defaults: Dict[str, Any], where: str, base: Path) -> Optional[BrokerRoute]:
+    """``"transport": "mqtt"`` with ``"broker": "mqtts://HOST:8883"`` (TLS with ``ca``, ``cert``, ``key``)."""
+    if _transport(entry, defaults, where) == "tcp":
+        return None
+    url = entry.get("broker", defaults.get("broker"))
+    if not isinstance(url, str):
+        raise ConfigError(f"{where}: with \"transport\": \"mqtt\", 'broker' must name the broker (in the entry or "
+                          "in defaults), for example \"mqtts://broker.example.com:8883\"")
+    try:
+        secure, _host, _port = broker_address(url)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return BrokerRoute(url, _tls_files(entry, defaults, where, base) if secure else None)
+
+
 def _tls(entry: Dict[str, Any], defaults: Dict[str, Any], where: str, base: Path) -> Optional[ClientTLS]:
     """``"tls": true`` with ``ca``, ``cert`` and ``key`` (in the entry or in defaults; relative to the inventory)."""
     enabled = entry.get("tls", defaults.get("tls", False))
@@ -165,11 +201,15 @@ def _tls(entry: Dict[str, Any], defaults: Dict[str, Any], where: str, base: Path
         raise ConfigError(f"{where}: field 'tls' must be true or false")
     if not enabled:
         return None
+    return _tls_files(entry, defaults, where, base)
+
+
+def _tls_files(entry: Dict[str, Any], defaults: Dict[str, Any], where: str, base: Path) -> ClientTLS:
     paths = {}
     for name in _TLS_FILES:
         value = entry.get(name, defaults.get(name))
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"{where}: with \"tls\": true, {name!r} must name a file (in the entry or in "
+            raise ConfigError(f"{where}: with TLS, {name!r} must name a file (in the entry or in "
                               "defaults): the fleet CA's certificate (ca), and this controller's certificate and key "
                               "(cert, key) from `fleet ca issue-controller`")
         paths[name] = base / Path(value).expanduser()
@@ -211,14 +251,15 @@ def _device(entry: Dict[str, Any], defaults: Dict[str, Any], where: str, environ
         token_source = f"${token_env}" + ("" if token else " (not set)")
     else:
         token_source = "'token' in its devices.json entry"
-    tls = _tls(entry, defaults, where, base)
+    broker = _broker(entry, defaults, where, base)
+    tls = _tls(entry, defaults, where, base) if broker is None else None
     for text_field in ("name", "type", "description"):
         if not isinstance(entry.get(text_field, ""), str):
             raise ConfigError(f"{where}: field {text_field!r} must be a string")
     try:
         return Device(
             id=entry["id"],
-            host=entry["host"],
+            host=entry.get("host", ""),
             port=entry.get("port", defaults.get("port", DEFAULT_PORT)),
             name=entry.get("name", ""),
             type=entry.get("type", ""),
@@ -227,6 +268,7 @@ def _device(entry: Dict[str, Any], defaults: Dict[str, Any], where: str, environ
             token=token,
             token_source=token_source,
             tls=tls,
+            broker=broker,
         )
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None

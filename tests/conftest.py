@@ -158,6 +158,8 @@ async def start_agent(tmp_path):
         agent = Agent(AgentConfig(root=folder, **options))
         await agent.start()
         agents.append(agent)
+        if agent.broker_link is not None:  # online at the broker: what the test does next may look there
+            await asyncio.wait_for(agent.broker_link.connected.wait(), REPLY_TIMEOUT)
         return agent
 
     yield _start

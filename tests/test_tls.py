@@ -131,7 +131,7 @@ def test_the_inventory_names_tls_files_per_device_or_in_defaults_relative_to_its
     assert d0.tls == ClientTLS(path.parent / "pki/ca.crt", path.parent / "pki/me.crt", path.parent / "pki/me.key")
     assert d1.tls is None
     path.write_text('{"raspberryPiDevices": [{"id": "d0", "host": "10.0.0.5", "tls": true, "ca": "ca.crt"}]}')
-    with pytest.raises(FleetConfigError, match="with \"tls\": true, 'cert' must name a file"):
+    with pytest.raises(FleetConfigError, match="with TLS, 'cert' must name a file"):
         load_inventory(path)
 
 

@@ -1,0 +1,256 @@
+"""Devices reached through an MQTT broker: one connection per broker, shared by every device behind it.
+
+A ``BrokerConnection`` behaves like a ``DeviceConnection`` (``connect``,
+``request``, ``send_with_callback``, ``status``), so ``Fleet`` and everything
+built on it (send_all, rollouts, status, converge) work the same whatever the
+transport, and a fleet may mix both. Requests go to ``pifleet/ID/req`` naming
+this controller's reply topic; replies come back on it, matched by ``id``.
+Whether a device is online is the broker's to say: the retained status its
+agent publishes when it connects, and its last will when it goes.
+
+When the session connects it subscribes to every device's status, then sends
+itself a message through the broker and waits for it to come back: the broker
+delivers in order, so by then every retained status has arrived, and a device
+that is not online is known to be offline, not merely not heard of yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import ssl
+import time
+import uuid
+from typing import Any, Callable, Dict, Optional
+
+import aiomqtt
+
+from agent import contract
+from agent.protocol import address_request, decode_message, token_field
+
+from .deadlines import Deadlines
+from .errors import ConnectionLost, DeviceUnreachable
+from .inventory import BrokerRoute, Device
+from .pending import PendingReplies, ReplyCallback, Requester
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE = 30  # seconds
+
+
+def controller_name() -> str:
+    """This controller's name in reply topics: unique per process, and free of MQTT's '/', '+' and '#'."""
+    host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:32]
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def broker_context(route: BrokerRoute) -> Optional[ssl.SSLContext]:
+    """TLS to the broker: its certificate must be the fleet CA's and name the host we dial; ours is the controller's."""
+    if route.tls is None:
+        return None
+    context = ssl.create_default_context(cafile=str(route.tls.ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=str(route.tls.cert), keyfile=str(route.tls.key))
+    return context
+
+
+class BrokerSession:
+    """The controller's connection to one broker; ``devices`` are the ``BrokerConnection``s that use it."""
+
+    def __init__(self, route: BrokerRoute, connect_timeout: float) -> None:
+        self.route = route
+        _secure, self.host, self.port = contract.broker_address(route.url)
+        self.connect_timeout = connect_timeout
+        self.name = controller_name()
+        self.devices: Dict[str, "BrokerConnection"] = {}
+        self.statuses: Dict[str, Dict[str, Any]] = {}  # device id -> its retained status
+        self.last_error: Optional[str] = None
+        self._client: Optional[aiomqtt.Client] = None
+        self._connecting: Optional["asyncio.Future[None]"] = None
+        self._reader: Optional["asyncio.Task[None]"] = None
+        self._synced: Optional["asyncio.Future[None]"] = None
+        self._sends: "set[asyncio.Future[None]]" = set()
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    async def connect(self) -> None:
+        """Connect if not connected; concurrent callers share one attempt. Raises ``DeviceUnreachable``
+        (naming no device: the caller says which one it was for)."""
+        if self._client is not None:
+            return
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(self._open())
+        await asyncio.shield(self._connecting)
+
+    async def _open(self) -> None:
+        client = aiomqtt.Client(self.host, self.port, identifier=f"pifleet-controller-{self.name}",
+                                tls_context=broker_context(self.route), keepalive=KEEPALIVE,
+                                timeout=self.connect_timeout, clean_session=True)
+        try:
+            await client.__aenter__()
+        except (aiomqtt.MqttError, OSError, ssl.SSLError) as exc:
+            self.last_error = f"cannot reach the broker {self.route.url}: {exc}"
+            raise DeviceUnreachable("", self.last_error) from None
+        self._synced = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.ensure_future(self._read(client))
+        sync = f"{contract.TOPIC_ROOT}/_sync/{self.name}"
+        await client.subscribe([(contract.reply_topic("+", self.name), 1),
+                                (contract.device_topic("+", contract.STATUS_TOPIC), 1), (sync, 1)])
+        await client.publish(sync, b"{}", qos=1)
+        self._client = client
+        await asyncio.wait_for(asyncio.shield(self._synced), self.connect_timeout)
+        self.last_error = None
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        try:
+            async for message in client.messages:
+                self._on_message(message.topic.value, message.payload)
+        except aiomqtt.MqttError as exc:
+            self._on_lost(f"lost the broker {self.route.url}: {exc}")
+
+    def _on_message(self, topic: str, payload: Any) -> None:
+        parts = topic.split("/")
+        if len(parts) < 3:
+            return
+        device = self.devices.get(parts[1])
+        if parts[2] == contract.REPLY_TOPIC and device is not None:
+            device.on_reply(bytes(payload))
+        elif parts[2] == contract.STATUS_TOPIC:
+            self._on_status(parts[1], bytes(payload))
+        elif parts[1] == "_sync" and self._synced is not None and not self._synced.done():
+            self._synced.set_result(None)
+
+    def _on_status(self, device_id: str, payload: bytes) -> None:
+        try:
+            status = json.loads(payload) if payload else {"online": False}
+        except ValueError:
+            return
+        if not isinstance(status, dict):
+            return
+        status["seen_at"] = time.time()
+        was = self.statuses.get(device_id, {}).get("online") is True
+        self.statuses[device_id] = status
+        device = self.devices.get(device_id)
+        if device is not None and was != (status.get("online") is True):
+            device.on_online(status.get("online") is True)
+
+    def _on_lost(self, reason: str) -> None:
+        self._client = None
+        self.last_error = reason
+        for device in self.devices.values():
+            device.on_online(False, reason)
+
+    def online(self, device_id: str) -> bool:
+        return self.connected and self.statuses.get(device_id, {}).get("online") is True
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Publish now (QoS 1) without waiting for the broker's acknowledgement."""
+        client = self._client
+        if client is None:
+            raise DeviceUnreachable("", self.last_error or f"not connected to the broker {self.route.url}")
+        send = asyncio.ensure_future(client.publish(topic, payload, qos=1, retain=retain))
+        self._sends.add(send)
+        send.add_done_callback(self._sent)
+
+    def _sent(self, send: "asyncio.Future[None]") -> None:
+        self._sends.discard(send)
+        if not send.cancelled() and send.exception() is not None:
+            log.warning("publish to %s failed: %s", self.route.url, send.exception())
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if self._sends:
+            await asyncio.wait(list(self._sends), timeout=self.connect_timeout)
+        if client is not None:
+            try:
+                await client.__aexit__(None, None, None)
+            except aiomqtt.MqttError:
+                pass
+        if self._reader is not None:
+            self._reader.cancel()
+
+
+class BrokerConnection(Requester):
+    """One device behind a broker, with the interface of ``DeviceConnection``."""
+
+    def __init__(self, device: Device, session: BrokerSession, *, request_timeout: float, deadlines: Deadlines,
+                 on_message: Optional[Callable[[str, Dict[str, Any]], None]] = None) -> None:
+        self.device = device
+        self.session = session
+        self.request_timeout = request_timeout
+        self.on_message = on_message
+        self.on_connected: Optional[Callable[[str], None]] = None
+        self._replies = PendingReplies(device.id, deadlines)
+        self._addressing = token_field(device.token) + b',"reply_to":' + json.dumps(
+            contract.reply_topic(device.id, session.name)).encode()
+        self._requests = contract.device_topic(device.id, contract.REQUEST_TOPIC)
+        self._closed = False
+        self.connected_at: Optional[float] = None
+        self.reconnects = 0
+        session.devices[device.id] = self
+
+    @property
+    def connected(self) -> bool:
+        return self.session.online(self.device.id)
+
+    async def connect(self) -> None:
+        try:
+            await self.session.connect()
+        except DeviceUnreachable as exc:
+            raise DeviceUnreachable(self.device.id, exc.message) from None
+        if not self.connected:
+            raise DeviceUnreachable(self.device.id, self._offline_reason())
+
+    def _offline_reason(self) -> str:
+        status = self.session.statuses.get(self.device.id)
+        if not self.session.connected:
+            return self.session.last_error or f"not connected to the broker {self.device.address}"
+        if status is None:
+            return (f"never seen at the broker {self.device.address} (is its pi-agent running with --broker and "
+                    f"--device-id {self.device.id}?)")
+        return f"offline at the broker {self.device.address} (its last will)"
+
+    def watch(self, on_connected: Callable[[str], None], retry_every: float) -> None:
+        """Call ``on_connected(device_id)`` each time the device comes online at the broker."""
+        self.on_connected = on_connected
+
+    def send_with_callback(self, body: bytes, command: str, callback: ReplyCallback,
+                           timeout: Optional[float] = None) -> None:
+        if not self.connected:
+            raise DeviceUnreachable(self.device.id, self._offline_reason())
+        request_id = self._replies.expect(callback, command, self.request_timeout if timeout is None else timeout)
+        self.session.publish(self._requests, address_request(body, request_id, self._addressing).rstrip(b"\n"))
+
+    def on_reply(self, payload: bytes) -> None:
+        try:
+            reply = decode_message(payload)
+        except ValueError:
+            log.warning("%s: a reply that is not a JSON object: %.40r", self.device.id, payload)
+            return
+        if not self._replies.settle(reply) and self.on_message is not None:
+            self.on_message(self.device.id, reply)
+
+    def on_online(self, online: bool, reason: str = "") -> None:
+        if online:
+            self.connected_at = time.time()
+            self.reconnects += 1
+            if self.on_connected is not None:
+                self.on_connected(self.device.id)
+            return
+        if self._replies:
+            self._replies.fail_all(ConnectionLost(self.device.id, f"{reason or 'went offline at the broker'} before "
+                                                  "it answered (it may or may not have run the request)"))
+
+    def status(self) -> Dict[str, Any]:
+        return {"device": self.device.id, "address": self.device.address, "connected": self.connected,
+                "connected_at": self.connected_at,
+                "last_error": None if self.connected else self._offline_reason(), "reconnects": self.reconnects}
+
+    async def close(self) -> None:
+        self._closed = True
+        self.session.devices.pop(self.device.id, None)
