@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     import ssl
 
     from .broker_link import BrokerLink
+    from .desired import DesiredState
     from .signatures import Trust
     from .tls import ServerTLS
 
@@ -61,6 +62,7 @@ class Agent:
         self._probe: "Optional[asyncio.Future[None]]" = None
         self.tls: "Optional[ServerTLS]" = None  # with --tls-*: the listener's context, re-read on CRL changes
         self.broker_link: "Optional[BrokerLink]" = None  # with --broker
+        self.desired: "Optional[DesiredState]" = None  # with --broker: the release left for it there
         self._root_lock = RootLock(config.root)
         self._closed = False
         # Set when stuck threads pass the limit under a supervisor: the agent should exit and be restarted.
@@ -146,18 +148,23 @@ class Agent:
 
     def _start_broker_link(self) -> None:
         from .broker_link import BrokerLink
+        from .desired import DesiredState
 
         assert self.config.broker is not None and self.config.device_id is not None
         self.broker_link = BrokerLink(self.config.broker, self.config.device_id, self.dispatcher,
                                       birth=self._birth, tls=self.config.tls, max_in_flight=self.config.max_pipelined,
                                       max_request_bytes=self.config.max_line_bytes)
+        self.desired = DesiredState(self.broker_link, self.dispatcher, self._running_files)
+        self.broker_link.on_desired = self.desired.offer
         self.broker_link.start()
+
+    def _running_files(self) -> Dict[str, str]:
+        modules = self.registry.modules
+        return {f"{name}.py": modules[name].sha256 for name in sorted(modules)}
 
     def _birth(self) -> Dict[str, Any]:
         """What the broker's retained status says of this agent while it is online."""
-        modules = self.registry.modules
-        return {"agent_version": __version__, "started_at": self.started_at,
-                "handlers": {f"{name}.py": modules[name].sha256 for name in sorted(modules)}}
+        return {"agent_version": __version__, "started_at": self.started_at, "handlers": self._running_files()}
 
     def _tls_context(self) -> "Optional[ssl.SSLContext]":
         if self.config.tls is None:

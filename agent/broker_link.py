@@ -71,6 +71,7 @@ class BrokerLink:
         self.on_desired = on_desired
         self._reply_prefix = contract.device_topic(device_id, contract.REPLY_TOPIC) + "/"
         self._in_flight: Set["asyncio.Future[bytes]"] = set()
+        self._blobs: Dict[str, "asyncio.Future[bytes]"] = {}  # topic -> the code asked for
         self._loop = asyncio.get_running_loop()
         self._closing = False
         self.connected = asyncio.Event()
@@ -170,8 +171,23 @@ class BrokerLink:
         if topic == self._topic(contract.DESIRED_TOPIC):
             if self.on_desired is not None:
                 self.on_desired(payload)
-            return
-        self._serve(payload)
+        elif topic == self._topic(contract.REQUEST_TOPIC):
+            self._serve(payload)
+        elif topic in self._blobs and not self._blobs[topic].done():
+            self._blobs[topic].set_result(payload)
+
+    async def fetch_blob(self, sha256: str, timeout: float) -> Optional[bytes]:
+        """A file's code, retained at the broker under its sha256; None if it does not come within ``timeout``."""
+        topic = contract.blob_topic(sha256)
+        waiting = self._blobs.setdefault(topic, self._loop.create_future())
+        self._client.subscribe(topic, 1)  # the broker sends the retained message at once
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiting), timeout)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            self._client.unsubscribe(topic)
+            self._blobs.pop(topic, None)
 
     def _serve(self, payload: bytes) -> None:
         try:

@@ -73,6 +73,7 @@ class BrokerSession:
         self._reader: Optional["asyncio.Task[None]"] = None
         self._synced: Optional["asyncio.Future[None]"] = None
         self._sends: "set[asyncio.Future[None]]" = set()
+        self.blobs_published: "set[str]" = set()  # file contents this session has left at the broker
 
     @property
     def connected(self) -> bool:
@@ -162,10 +163,14 @@ class BrokerSession:
         if not send.cancelled() and send.exception() is not None:
             log.warning("publish to %s failed: %s", self.route.url, send.exception())
 
-    async def close(self) -> None:
-        client, self._client = self._client, None
+    async def flush(self) -> None:
+        """Wait until the broker has acknowledged everything published so far (or the time limit passes)."""
         if self._sends:
             await asyncio.wait(list(self._sends), timeout=self.connect_timeout)
+
+    async def close(self) -> None:
+        await self.flush()
+        client, self._client = self._client, None
         if client is not None:
             try:
                 await client.__aexit__(None, None, None)

@@ -132,6 +132,8 @@ def finish(report: RolloutReport, out: Output, extra: Optional[Dict[str, Any]] =
         what += f" (release{'s' if len(report.releases) > 1 else ''} {', '.join(map(str, report.releases))})"
     summary = lines([f"HALTED: {report.halt_reason}"] * report.halted
                     + [f"{what}: {report.tally() or 'no devices'} in {report.seconds:.1f}s"]
-                    + [f"recorded as rollout {report.rollout} (`fleet history`)"] * (report.rollout is not None))
+                    + [f"recorded as rollout {report.rollout} (`fleet history`)"] * (report.rollout is not None)
+                    + [f"{device}: its desired release is not at its broker yet ({why}); `fleet converge` tries again"
+                       for device, why in sorted(report.desired_problems.items())])
     out.emit({**report.as_dict(), **(extra or {})}, tables.rollout_table(list(report.results.values())) + "\n\n" + summary)
     return EXIT_OK if report.ok else EXIT_FAILED

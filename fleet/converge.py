@@ -105,6 +105,9 @@ async def run_recorded(fleet: Fleet, store: StateStore, kind: str, targets: Mapp
     if recorder.rollout is not None:
         store.finish_rollout(recorder.rollout, outcome(report))
     report.rollout = recorder.rollout
+    from .broker_desired import leave_desired  # here: that module builds on this one
+
+    report.desired_problems = await leave_desired(fleet, store, list(targets))  # for devices behind a broker
     return report
 
 

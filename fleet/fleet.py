@@ -222,6 +222,11 @@ class Fleet:
     def device(self, device_id: str) -> Device:
         return self._connection(device_id).device
 
+    def broker_session(self, device_id: str) -> "Optional[BrokerSession]":
+        """The broker session ``device_id`` is reached through; None for a device reached over TCP."""
+        connection = self._connection(device_id)
+        return getattr(connection, "session", None)
+
     async def close(self) -> None:
         await asyncio.gather(*(conn.close() for conn in self._connections.values()))
         await asyncio.gather(*(session.close() for session in self._brokers.values()))

@@ -122,6 +122,8 @@ class RolloutReport:
     seconds: float = 0.0
     releases: List[int] = field(default_factory=list)  # the releases rolled out (none outside the store)
     rollout: Optional[int] = None  # its number in the state store's history, when it was recorded
+    # devices behind a broker whose desired release could not be left there, and why (fleet/broker_desired.py)
+    desired_problems: Dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -150,6 +152,7 @@ class RolloutReport:
             "waves": self.waves,
             "seconds": round(self.seconds, 3),
             "devices": [r.as_dict() for r in self.results.values()],
+            "desired_not_at_broker": self.desired_problems,
         }
 
 

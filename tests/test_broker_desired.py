@@ -1,0 +1,88 @@
+"""Desired state through a real Mosquitto: devices behind NAT catch up with no controller running."""
+
+import asyncio
+import json
+
+import aiomqtt
+
+from conftest import sha, wait_until
+from fleet import Device, Fleet, RolloutPlan, Status
+from fleet.converge import deploy_targets, run_recorded
+from fleet.fileset import HandlerFile
+from fleet.inventory import BrokerRoute
+from fleet.state import StateStore
+
+V1 = "VERSION = 1\n\ndef handle_version(data):\n    return {'version': VERSION}\n"
+CAM = "def handle_cam(data):\n    return {'cam': 1}\n"
+BROKEN = "import no_such_module_for_pifleet\n\ndef handle_zz(data):\n    return {}\n"
+
+
+def via(broker, device_id):
+    return Device(id=device_id, host="", broker=BrokerRoute(broker.plain_url))
+
+
+async def deploy(fleet, store, files, ids):
+    targets = deploy_targets(store, ids, [HandlerFile.of(name, code) for name, code in files.items()],
+                             message="test", author="test")
+    return await run_recorded(fleet, store, "deploy", targets, RolloutPlan(batch=10))
+
+
+async def reported(broker, device_id, release):
+    """The device's report on ``release``: the retained one, or the first to come (a client of the test's own)."""
+    async def first():
+        async with aiomqtt.Client("127.0.0.1", broker.plain_port) as client:
+            await client.subscribe(f"pifleet/{device_id}/reported", qos=1)
+            async for message in client.messages:
+                report = json.loads(message.payload)
+                if report["release"] == release:
+                    return report
+
+    return await asyncio.wait_for(first(), 20)
+
+
+async def pushes(agent, filename):
+    log = (await agent.dispatcher.handle(_request({"command": "update_log", "limit": 50}), authorized=True))
+    return [e for e in json.loads(log)["entries"] if e.get("file") == filename and e.get("action") == "deploy"]
+
+
+def _request(message):
+    from agent.protocol import parse_request
+
+    return parse_request(json.dumps(message).encode())
+
+
+async def test_a_device_offline_at_deploy_time_converges_when_it_connects_with_no_controller_running(
+        start_agent, broker, tmp_path):
+    online = await start_agent(broker=broker.plain_url, device_id="m6")
+    with StateStore(tmp_path / "state.db") as store:
+        async with Fleet([via(broker, "m6"), via(broker, "m7")]) as fleet:
+            report = await deploy(fleet, store, {"ver.py": V1, "cam.py": CAM}, ["m6", "m7"])
+        assert report.results["m6"].status is Status.OK and report.results["m7"].status is Status.UNREACHABLE
+        assert report.desired_problems == {}
+    # The controller is gone. m7 comes online and finds its release at the broker.
+    late = await start_agent(broker=broker.plain_url, device_id="m7")
+    await wait_until(lambda: late.desired.applied == 1, what="m7 to apply its desired release")
+    assert {name: m.sha256 for name, m in late.registry.modules.items()} == {"ver": sha(V1), "cam": sha(CAM)}
+    release = report.releases[0]
+    report7 = await reported(broker, "m7", release)
+    assert report7["state"] == "current" and report7["files"] == {"cam.py": sha(CAM), "ver.py": sha(V1)}
+    # m6 was pushed during the deploy: the desired release changed nothing there, nothing was applied twice
+    assert (await reported(broker, "m6", release))["state"] == "current"
+    assert online.desired.applied == 0 and len(await pushes(online, "ver.py")) == 1
+
+
+async def test_a_release_that_fails_on_the_device_leaves_it_on_its_previous_release_and_says_why(
+        start_agent, broker, tmp_path):
+    with StateStore(tmp_path / "state.db") as store:
+        async with Fleet([via(broker, "m8")]) as fleet:
+            await deploy(fleet, store, {"ver.py": V1}, ["m8"])  # m8 is not running yet: the release waits
+            agent = await start_agent(broker=broker.plain_url, device_id="m8")
+            await wait_until(lambda: agent.desired.applied == 1, what="release 1")
+            agent_files = dict(agent.registry.modules)
+            await agent.close()
+            second = await deploy(fleet, store, {"cam.py": CAM, "zz.py": BROKEN}, ["m8"])  # cam.py lands, zz.py fails
+    again = await start_agent(broker=broker.plain_url, device_id="m8", root=agent.config.root)
+    report = await reported(broker, "m8", second.releases[0])
+    assert report["state"] == "failed" and report["file"] == "zz.py" and report["code"] == "validation_failed"
+    assert "no_such_module_for_pifleet" in report["error"]
+    assert set(again.registry.modules) == set(agent_files) == {"ver"}  # cam.py was put back: release 1, whole
