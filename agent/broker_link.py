@@ -12,8 +12,8 @@ after a broker restart. The desired release the controller leaves in the
 broker is handed to ``on_desired`` (``agent/desired.py``).
 
 The MQTT client is paho-mqtt (Raspberry Pi OS: ``python3-paho-mqtt``; the
-agent bundle carries it), on its own network thread: its callbacks hand
-everything over to the event loop, where the agent's work happens.
+agent bundle carries it), MQTT 5, on its own network thread: its callbacks
+hand everything over to the event loop, where the agent's work happens.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ KEEPALIVE = 30  # MQTT keep-alive: the broker declares the device offline (its w
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
 GOODBYE_TIMEOUT = 2.0  # at shutdown, how long the retained "offline" may take to reach the broker
+# While the device is away, the broker keeps its session (its subscriptions, and the requests sent meanwhile
+# that have not expired: each request expires after its own time limit), so a request sent while the device
+# reconnects, after a broker restart say, is delivered when it is back instead of being lost.
+SESSION_EXPIRY = 3600
 
 
 def paho_client_module() -> Any:
@@ -81,7 +85,7 @@ class BrokerLink:
 
     def _make_client(self) -> Any:
         mqtt = paho_client_module()
-        options: Dict[str, Any] = {"client_id": f"pifleet-device-{self.device_id}", "clean_session": True,
+        options: Dict[str, Any] = {"client_id": f"pifleet-device-{self.device_id}", "protocol": mqtt.MQTTv5,
                                    "reconnect_on_failure": True}
         if hasattr(mqtt, "CallbackAPIVersion"):  # paho 2; 1.6 has one callback API
             options["callback_api_version"] = mqtt.CallbackAPIVersion.VERSION2
@@ -120,8 +124,13 @@ class BrokerLink:
 
     def start(self) -> None:
         """Connect in the background; paho's thread reconnects after a loss, with the backoff below."""
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
         self._jitter_backoff()
-        self._client.connect_async(self._host, self._port, KEEPALIVE)
+        session = Properties(PacketTypes.CONNECT)
+        session.SessionExpiryInterval = SESSION_EXPIRY
+        self._client.connect_async(self._host, self._port, KEEPALIVE, clean_start=False, properties=session)
         self._client.loop_start()
 
     def _jitter_backoff(self) -> None:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
+import random
 import socket
 import ssl
 import time
@@ -27,6 +29,8 @@ import uuid
 from typing import Any, Callable, Dict, Optional
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent import contract
 from agent.protocol import address_request, decode_message, token_field
@@ -39,6 +43,7 @@ from .pending import PendingReplies, ReplyCallback, Requester
 log = logging.getLogger(__name__)
 
 KEEPALIVE = 30  # seconds
+RETRY_FIRST = 0.2  # seconds before trying a broker that refused a connection again (then doubling)
 
 
 def controller_name() -> str:
@@ -89,9 +94,24 @@ class BrokerSession:
         await asyncio.shield(self._connecting)
 
     async def _open(self) -> None:
+        """Connect, retrying for up to ``connect_timeout``: a broker that restarts is back within a second or two,
+        and the devices behind it should not all count as unreachable meanwhile."""
+        deadline = time.monotonic() + self.connect_timeout
+        delay = RETRY_FIRST
+        while True:
+            try:
+                await self._open_once()
+                return
+            except DeviceUnreachable:
+                if time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay *= 2
+
+    async def _open_once(self) -> None:
         client = aiomqtt.Client(self.host, self.port, identifier=f"pifleet-controller-{self.name}",
                                 tls_context=broker_context(self.route), keepalive=KEEPALIVE,
-                                timeout=self.connect_timeout, clean_session=True)
+                                timeout=self.connect_timeout, protocol=aiomqtt.ProtocolVersion.V5)
         try:
             await client.__aenter__()
         except (aiomqtt.MqttError, OSError, ssl.SSLError) as exc:
@@ -149,12 +169,17 @@ class BrokerSession:
     def online(self, device_id: str) -> bool:
         return self.connected and self.statuses.get(device_id, {}).get("online") is True
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        """Publish now (QoS 1) without waiting for the broker's acknowledgement."""
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, expires: Optional[float] = None) -> None:
+        """Publish now (QoS 1) without waiting for the broker's acknowledgement; with ``expires`` (seconds) the
+        broker drops the message if it cannot deliver it in that time (a request past its time limit)."""
         client = self._client
         if client is None:
             raise DeviceUnreachable("", self.last_error or f"not connected to the broker {self.route.url}")
-        send = asyncio.ensure_future(client.publish(topic, payload, qos=1, retain=retain))
+        properties = None
+        if expires is not None:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.MessageExpiryInterval = max(1, math.ceil(expires))
+        send = asyncio.ensure_future(client.publish(topic, payload, qos=1, retain=retain, properties=properties))
         self._sends.add(send)
         send.add_done_callback(self._sent)
 
@@ -228,8 +253,10 @@ class BrokerConnection(Requester):
                            timeout: Optional[float] = None) -> None:
         if not self.connected:
             raise DeviceUnreachable(self.device.id, self._offline_reason())
-        request_id = self._replies.expect(callback, command, self.request_timeout if timeout is None else timeout)
-        self.session.publish(self._requests, address_request(body, request_id, self._addressing).rstrip(b"\n"))
+        limit = self.request_timeout if timeout is None else timeout
+        request_id = self._replies.expect(callback, command, limit)
+        self.session.publish(self._requests, address_request(body, request_id, self._addressing).rstrip(b"\n"),
+                             expires=limit)
 
     def on_reply(self, payload: bytes) -> None:
         try:

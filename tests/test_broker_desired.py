@@ -86,3 +86,25 @@ async def test_a_release_that_fails_on_the_device_leaves_it_on_its_previous_rele
     assert report["state"] == "failed" and report["file"] == "zz.py" and report["code"] == "validation_failed"
     assert "no_such_module_for_pifleet" in report["error"]
     assert set(again.registry.modules) == set(agent_files) == {"ver"}  # cam.py was put back: release 1, whole
+
+
+async def test_a_broker_restart_in_the_middle_of_a_rollout_ends_with_every_device_converged_once(
+        start_agent, own_broker, tmp_path):
+    ids = [f"m{n}" for n in range(4)]
+    agents = [await start_agent(broker=own_broker.plain_url, device_id=d) for d in ids]
+    first_result = asyncio.Event()
+    with StateStore(tmp_path / "state.db") as store:
+        async with Fleet([via(own_broker, d) for d in ids], request_timeout=30) as fleet:
+            targets = deploy_targets(store, ids, [HandlerFile.of("ver.py", V1)], message="test", author="test")
+            rollout = asyncio.ensure_future(run_recorded(fleet, store, "deploy", targets,
+                                                         RolloutPlan(canary=1, batch=1),
+                                                         on_result=lambda result: first_result.set()))
+            await first_result.wait()
+            await asyncio.to_thread(own_broker.restart)  # the next waves go out while it is down, or just after
+            report = await rollout
+    assert not report.halted, report.halt_reason
+    for device_id, agent in zip(ids, agents):
+        # Each device reports on release 1 once it has compared it with what it runs: pushed or converged
+        assert (await reported(own_broker, device_id, report.releases[0]))["state"] == "current"
+        assert agent.registry.modules["ver"].sha256 == sha(V1)
+        assert len(await pushes(agent, "ver.py")) == 1  # pushed or converged, never both
