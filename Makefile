@@ -33,14 +33,19 @@ test: test-types test-python test-agent-py39 test-node
 test-types: $(STAMP)
 	$(BIN)/python -m mypy agent fleet
 
+MOSQUITTO := $(shell command -v mosquitto 2>/dev/null || ls /usr/sbin/mosquitto 2>/dev/null)
+
 test-python: $(STAMP)
+ifeq ($(MOSQUITTO),)
+	@echo "mosquitto not found: skipping the tests through a real MQTT broker (apt-get install mosquitto)"
+endif
 	$(BIN)/python -m pytest -q
 
 test-agent-py39:
 ifeq ($(PY39),)
 	@echo "python3.9 not found: skipping the check that the agent compiles and imports on Python 3.9"
 else
-	$(PY39) -m compileall -q agent && $(PY39) -c "import agent.app, agent.cli, agent.checks, agent.contract, agent.tls, agent.tls_transport, agent.signatures" && echo "agent: compiles and imports on $$($(PY39) --version)"
+	$(PY39) -m compileall -q agent && $(PY39) -c "import agent.app, agent.cli, agent.checks, agent.contract, agent.tls, agent.tls_transport, agent.signatures, agent.broker_link, agent.desired" && echo "agent: compiles and imports on $$($(PY39) --version)"
 endif
 
 test-node: $(STAMP)

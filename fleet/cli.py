@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from . import agent_cli, ca_cli, cli_rollouts, keys_cli, provision_cli, state_cli, status_view, tables
+from . import agent_cli, broker_cli, ca_cli, cli_rollouts, keys_cli, provision_cli, state_cli, status_view, tables
 from .cli_args import DEVICES_ENV, USES_STATE, build_parser
 from .cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Output, exit_code, parse_pairs
 from .errors import ConfigError
@@ -163,6 +163,8 @@ async def run(args: argparse.Namespace) -> int:
         return provision_cli.run(args, path, Output(args.json).emit)
     if args.command == "keys":
         return keys_cli.run(args, Output(args.json).emit)
+    if args.command == "broker":
+        return broker_cli.run(args, Output(args.json).emit)
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError("--timeout must be a positive number of seconds")
     if args.concurrency < 1:

@@ -12,7 +12,7 @@ from typing import Any, List
 
 from agent import __version__
 
-from . import agent_cli, ca_cli, keys_cli, provision_cli, state_cli
+from . import agent_cli, broker_cli, ca_cli, keys_cli, provision_cli, state_cli
 from .fleet import DEFAULT_CONCURRENCY
 from .state import STATE_ENV
 
@@ -99,13 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     state_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
     ca_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
     keys_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
+    broker_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common])
     agent_cli.add_commands(sub, lambda sub, name: _subcommand(sub, name, [common]), [common], device_parents,
                            _add_plan_options)
     provision_cli.add_options(_subcommand(sub, "provision", [common]))
     return parser
 
 
-USES_STATE = ("status", "deploy", "converge", "rollback", "ca", "keys", "provision") + state_cli.COMMANDS  # the subcommands that read or write the state file
+USES_STATE = ("status", "deploy", "converge", "rollback", "ca", "keys", "provision", "broker") + state_cli.COMMANDS  # the subcommands that read or write the state file
 
 # Each subcommand: its line in `fleet --help`, what its own --help says, and an example.
 SUBCOMMANDS = {
@@ -159,11 +160,15 @@ SUBCOMMANDS = {
                 "files and release, how many devices answered and how, and the outcome (or that the controller "
                 "stopped before the end: `fleet converge` finishes it).",
                 "fleet history --limit 10"),
-    "ca": ("the fleet's certificate authority (init, issue, issue-controller, revoke, list)",
+    "ca": ("the fleet's certificate authority (init, issue, issue-controller, issue-broker, revoke, list)",
            "Mutual TLS for the wire: one CA for the fleet, a certificate per device (its id in it) and per "
            "controller, and a revocation list the agents re-read. Its folder is --ca-dir, or ca/ beside the "
            "state file.",
            "fleet ca issue raspi_main"),
+    "broker": ("an MQTT broker for devices behind NAT (config)",
+               "Devices that the controller cannot reach connect out to an MQTT broker (Mosquitto) and wait for "
+               "their release there. This writes the broker's configuration from the fleet CA.",
+               "fleet broker config --cert .pifleet/ca/issued/broker.example.com/broker.crt --out broker/"),
     "keys": ("release-signing keys (init)",
              "Signed releases: deploys sign each file's name and sha256 with an Ed25519 key, and agents started "
              "with --trusted-keys run only code a trusted key signed.",

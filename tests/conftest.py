@@ -298,7 +298,7 @@ def broker(broker_pki, tmp_path_factory):
     """One Mosquitto for the whole session (TLS and plain listeners on loopback)."""
     from mosquitto import Mosquitto
 
-    server = Mosquitto(tmp_path_factory.mktemp("broker"), broker_pki)
+    server = Mosquitto.for_pki(tmp_path_factory.mktemp("broker"), broker_pki)
     server.start()
     yield server
     server.stop()
@@ -309,7 +309,7 @@ def own_broker(broker_pki, tmp_path):
     """A Mosquitto of the test's own, to restart at will."""
     from mosquitto import Mosquitto
 
-    server = Mosquitto(tmp_path / "own-broker", broker_pki)
+    server = Mosquitto.for_pki(tmp_path / "own-broker", broker_pki)
     server.start()
     yield server
     server.stop()

@@ -43,16 +43,22 @@ class BrokerPKI:
 class Mosquitto:
     """One broker process: ``start()``, ``stop()``, ``restart()`` (retained messages survive: persistence)."""
 
-    def __init__(self, folder: Path, pki: BrokerPKI) -> None:
-        self.folder = folder
+    def __init__(self, conf: Path, tls_port: int, plain_port: Optional[int], pki: Optional[BrokerPKI] = None) -> None:
+        self.conf = conf
+        self.tls_port = tls_port
+        self.plain_port = plain_port
         self.pki = pki
-        self.tls_port = free_port()
-        self.plain_port = free_port()
-        files = BrokerFiles(pki.broker.cert, pki.broker.key, pki.broker.ca, pki.ca.crl_path)
-        self.conf, _ = write_config(pki.ca, files, folder, host="127.0.0.1", port=self.tls_port,
-                                    plain_port=self.plain_port, run_as=getpass.getuser())
         self.proc: Optional[subprocess.Popen] = None
         self.log: List[str] = []
+
+    @classmethod
+    def for_pki(cls, folder: Path, pki: BrokerPKI) -> "Mosquitto":
+        """A broker with the configuration ``fleet broker config`` writes for ``pki``, on free ports."""
+        tls_port, plain_port = free_port(), free_port()
+        files = BrokerFiles(pki.broker.cert, pki.broker.key, pki.broker.ca, pki.ca.crl_path)
+        conf, _ = write_config(pki.ca, files, folder, host="127.0.0.1", port=tls_port, plain_port=plain_port,
+                               run_as=getpass.getuser())
+        return cls(conf, tls_port, plain_port, pki)
 
     @property
     def plain_url(self) -> str:

@@ -1,0 +1,59 @@
+"""``fleet broker config``: write a Mosquitto configuration for the fleet (``fleet/broker_config.py``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+from .broker_config import DEFAULT_TLS_PORT, BrokerFiles, write_config
+from .ca import FleetCA
+from .errors import ConfigError
+from .text import lines
+
+Emit = Callable[[Dict[str, Any], str], None]
+
+
+def add_commands(sub: Any, make: Any, parents: List[argparse.ArgumentParser]) -> None:
+    broker = make(sub, "broker")
+    broker.add_argument("--ca-dir", default=None, metavar="DIR",
+                        help="the fleet CA's folder (default: ca/ beside the state file, .pifleet/ca/)")
+    actions = broker.add_subparsers(dest="action", metavar="ACTION", required=True)
+    config = actions.add_parser(
+        "config", parents=parents, help="write mosquitto.conf and its access list",
+        description="Write mosquitto.conf and acl into a folder: TLS with the fleet CA, each client's certificate "
+                    "name as its user name, each device limited to its own topics, the CA's controllers to all of "
+                    "pifleet/, persistence for the desired releases. Run it again after `fleet ca issue-controller` "
+                    "and reload Mosquitto (systemctl reload mosquitto).",
+        epilog="Example:\n  fleet ca issue-broker broker.example.com\n"
+               "  fleet broker config --cert .pifleet/ca/issued/broker.example.com/broker.crt "
+               "--out /etc/mosquitto/conf.d/pifleet",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_argument("--out", required=True, metavar="DIR", help="where to write mosquitto.conf and acl")
+    config.add_argument("--cert", required=True, metavar="FILE",
+                        help="the broker's certificate from `fleet ca issue-broker` (its key beside it, broker.key)")
+    config.add_argument("--port", type=int, default=DEFAULT_TLS_PORT, help=f"TLS port (default {DEFAULT_TLS_PORT})")
+    config.add_argument("--host", default="", help="address to listen on (default: all)")
+    config.add_argument("--plain-port", type=int, default=None,
+                        help="also listen without TLS on 127.0.0.1, for a controller or agents on the broker's machine")
+    config.add_argument("--user", default=None, help="the user Mosquitto runs as when started as root (default: "
+                                                     "Mosquitto's own, mosquitto; it must be able to read the key)")
+
+
+def run(args: argparse.Namespace, emit: Emit) -> int:
+    ca = FleetCA(Path(args.ca_dir) if args.ca_dir else args.state_file.parent / "ca")
+    if not ca.exists:
+        raise ConfigError(f"no fleet CA in {ca.folder}: `fleet ca init` first (or give --ca-dir)")
+    cert = Path(args.cert).resolve()
+    key = cert.with_name("broker.key")
+    for path in (cert, key):
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: `fleet ca issue-broker HOST` writes broker.crt and broker.key")
+    out = Path(args.out).resolve()
+    written = write_config(ca, BrokerFiles(cert, key, ca.cert_path.resolve(), ca.crl_path.resolve()), out,
+                           host=args.host, port=args.port, plain_port=args.plain_port, run_as=args.user)
+    emit({"written": [str(p) for p in written]}, lines([
+        f"wrote {', '.join(str(p) for p in written)}",
+        f"run: mosquitto -c {written[0]} (or include it from /etc/mosquitto/mosquitto.conf); the key must be "
+        "readable by the user mosquitto runs as"]))
+    return 0
