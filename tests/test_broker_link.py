@@ -19,7 +19,6 @@ class Watcher:
     def __init__(self, url_port: int) -> None:
         self.port = url_port
         self.received = {}
-        self.arrived = asyncio.Event()
 
     async def __aenter__(self):
         self.client = aiomqtt.Client("127.0.0.1", self.port, identifier=f"watcher-{uuid.uuid4().hex[:8]}")
@@ -29,8 +28,11 @@ class Watcher:
 
     async def _read(self):
         async for message in self.client.messages:
-            self.received.setdefault(message.topic.value, []).append(json.loads(message.payload))
-            self.arrived.set()
+            try:
+                decoded = json.loads(message.payload)
+            except ValueError:  # file contents other tests left at the broker (pifleet/blobs/...)
+                continue
+            self.received.setdefault(message.topic.value, []).append(decoded)
 
     async def latest(self, topic: str, predicate=lambda m: True):
         await wait_until(lambda: any(predicate(m) for m in self.received.get(topic, [])), what=topic)
@@ -60,7 +62,7 @@ async def test_a_request_whose_reply_would_leave_the_devices_tree_is_not_run(sta
     agent = await start_agent(handlers={"hello": HELLO}, broker=broker.plain_url, device_id="m1")
     await asyncio.wait_for(agent.broker_link.connected.wait(), 10)
     async with Watcher(broker.plain_port) as watcher:
-        await watcher.client.subscribe("pifleet/#", qos=1)
+        await watcher.client.subscribe("pifleet/+/reply/#", qos=1)
         for reply_to in ("pifleet/m2/reply/x", "pifleet/m1/reply/#", None):
             await watcher.client.publish("pifleet/m1/req", json.dumps(
                 {"command": "hello", "id": 1, **({"reply_to": reply_to} if reply_to else {})}), qos=1)
