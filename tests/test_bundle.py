@@ -76,6 +76,41 @@ def test_the_bundle_runs_on_every_python_from_39_on_and_pushes_go_through_its_bo
     assert len(versions) >= 2, versions
 
 
+async def test_the_bundle_carries_its_mqtt_client_and_serves_through_a_broker_on_python_39(built, tmp_path, broker):
+    from conftest import python39
+    from fleet import Device, Fleet
+    from fleet.inventory import BrokerRoute
+
+    pyz, _ = built
+    python = python39() or pytest.skip("no Python 3.9 on this machine (pyenv install 3.9)")
+    agent = subprocess.Popen([python, "-I", str(pyz), "--port", "0", "--root", str(tmp_path / "root"),
+                              "--broker", broker.plain_url, "--device-id", "bundled"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert listening_address(agent.stdout.readline()) is not None, agent.stderr.read()
+        async with Fleet([Device(id="bundled", host="", broker=BrokerRoute(broker.plain_url))],
+                         connect_timeout=10) as fleet:
+            status = await until_online(fleet, "bundled")
+        assert status["python_version"].startswith("3.9")
+    finally:
+        agent.terminate()
+        agent.wait(timeout=20)
+        agent.stdout.close()
+        agent.stderr.close()
+
+
+async def until_online(fleet, device_id, limit=20.0):
+    """The device's status, once its agent (started just now) is online at the broker: the broker says when."""
+    import asyncio
+
+    online = asyncio.Event()
+    fleet.watch(lambda _device: online.set(), retry_every=1.0, targets=[device_id])
+    await fleet.connect(device_id)  # connects to the broker; the device may not be there yet
+    if not fleet.connected(device_id):
+        await asyncio.wait_for(online.wait(), limit)
+    return await fleet.send(device_id, {"command": "get_status"})
+
+
 def test_the_package_holds_the_agent_its_unit_config_and_scripts(built):
     _, deb = built
     info = subprocess.run(["dpkg-deb", "--field", str(deb)], capture_output=True, text=True, check=True).stdout
