@@ -36,6 +36,8 @@ def add_commands(sub: Any, make: Any, parents: List[argparse.ArgumentParser]) ->
     config.add_argument("--host", default="", help="address to listen on (default: all)")
     config.add_argument("--plain-port", type=int, default=None,
                         help="also listen without TLS on 127.0.0.1, for a controller or agents on the broker's machine")
+    config.add_argument("--persistence", default=None, metavar="DIR",
+                        help="where Mosquitto keeps retained messages (default: --out; /var/lib/mosquitto on Debian)")
     config.add_argument("--user", default=None, help="the user Mosquitto runs as when started as root (default: "
                                                      "Mosquitto's own, mosquitto; it must be able to read the key)")
 
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace, emit: Emit) -> int:
             raise ConfigError(f"{path} not found: `fleet ca issue-broker HOST` writes broker.crt and broker.key")
     out = Path(args.out).resolve()
     written = write_config(ca, BrokerFiles(cert, key, ca.cert_path.resolve(), ca.crl_path.resolve()), out,
-                           host=args.host, port=args.port, plain_port=args.plain_port, run_as=args.user)
+                           host=args.host, port=args.port, plain_port=args.plain_port, run_as=args.user,
+                           persistence=Path(args.persistence).resolve() if args.persistence else None)
     emit({"written": [str(p) for p in written]}, lines([
         f"wrote {', '.join(str(p) for p in written)}",
         f"run: mosquitto -c {written[0]} (or include it from /etc/mosquitto/mosquitto.conf); the key must be "

@@ -58,13 +58,15 @@ def acl_text(controllers: Sequence[str]) -> str:
 
 
 def mosquitto_conf(files: BrokerFiles, folder: Path, *, host: str = "", port: int = DEFAULT_TLS_PORT,
-                   plain_port: Optional[int] = None, run_as: Optional[str] = None) -> str:
-    """``mosquitto.conf`` for a broker whose ``acl`` and persistence live in ``folder``."""
+                   plain_port: Optional[int] = None, run_as: Optional[str] = None,
+                   persistence: Optional[Path] = None) -> str:
+    """``mosquitto.conf`` for a broker whose ``acl`` lives in ``folder`` (and its retained messages in
+    ``persistence``, by default there too)."""
     lines = [
         "# pifleet broker (`fleet broker config`): TLS with the fleet CA, one identity per device, an access list.",
         "per_listener_settings true",
         "persistence true",
-        f"persistence_location {folder}/",
+        f"persistence_location {persistence or folder}/",
         f"autosave_interval {AUTOSAVE_SECONDS}",
         "log_dest stderr",
         "log_type error",

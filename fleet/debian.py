@@ -54,6 +54,8 @@ CONFIG = """# pi-agent's options (`pi-agent --help`), read by pi-agent.service. 
 # With mutual TLS instead of (or as well as) the token, add:
 #   --tls-cert /etc/pi-agent/device.crt --tls-key /etc/pi-agent/device.key --tls-ca /etc/pi-agent/ca.crt
 #   --tls-crl /var/lib/pi-agent/crl.pem --trusted-keys /etc/pi-agent/trusted-keys
+# Behind NAT, to be reached through the fleet's MQTT broker (with the TLS files above as its identity), add:
+#   --broker mqtts://broker.example.com:8883 --device-id THIS_DEVICES_ID
 PI_AGENT_OPTIONS="--host 0.0.0.0 --port 3000 --token-file /etc/pi-agent/token"
 """
 
