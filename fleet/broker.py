@@ -43,6 +43,9 @@ from .pending import PendingReplies, ReplyCallback, Requester
 log = logging.getLogger(__name__)
 
 KEEPALIVE = 30  # seconds
+# Requests on their way to the broker, unacknowledged: no limit here (Fleet.concurrency is the limit). paho's
+# default, 20, throttled a send_all; and with any limit, paho scans its whole queue at every acknowledgement.
+MAX_INFLIGHT = 0
 RETRY_FIRST = 0.2  # seconds before trying a broker that refused a connection again (then doubling)
 
 
@@ -79,6 +82,7 @@ class BrokerSession:
         self._synced: Optional["asyncio.Future[None]"] = None
         self._sends: "set[asyncio.Future[None]]" = set()
         self.blobs_published: "set[str]" = set()  # file contents this session has left at the broker
+        self._expiry: Dict[int, Properties] = {}  # MessageExpiryInterval properties, one per time limit
 
     @property
     def connected(self) -> bool:
@@ -111,16 +115,24 @@ class BrokerSession:
     async def _open_once(self) -> None:
         client = aiomqtt.Client(self.host, self.port, identifier=f"pifleet-controller-{self.name}",
                                 tls_context=broker_context(self.route), keepalive=KEEPALIVE,
-                                timeout=self.connect_timeout, protocol=aiomqtt.ProtocolVersion.V5)
+                                timeout=self.connect_timeout, protocol=aiomqtt.ProtocolVersion.V5,
+                                max_inflight_messages=MAX_INFLIGHT)
         try:
             await client.__aenter__()
         except (aiomqtt.MqttError, OSError, ssl.SSLError) as exc:
             self.last_error = f"cannot reach the broker {self.route.url}: {exc}"
             raise DeviceUnreachable("", self.last_error) from None
         self._synced = asyncio.get_running_loop().create_future()
+        # Replies are handed over by paho itself, on the event loop's thread where aiomqtt drives it: aiomqtt's
+        # message iterator spends a queue, a task and a wait on each message, twice the cost of the rest of a
+        # reply's way in a send_all to thousands of devices. The iterator stays for everything else.
+        client._client.message_callback_add(contract.reply_topic("+", self.name), self._on_reply_message)
         self._reader = asyncio.ensure_future(self._read(client))
         sync = f"{contract.TOPIC_ROOT}/_sync/{self.name}"
-        await client.subscribe([(contract.reply_topic("+", self.name), 1),
+        # Replies at QoS 0 from the broker to us (a device sends them at QoS 1, which covers its own flaky link):
+        # on this hop a lost reply means a lost connection, which fails the request anyway, and each QoS 1
+        # delivery would cost an acknowledgement both ways.
+        await client.subscribe([(contract.reply_topic("+", self.name), 0),
                                 (contract.device_topic("+", contract.STATUS_TOPIC), 1), (sync, 1)])
         await client.publish(sync, b"{}", qos=1)
         self._client = client
@@ -134,14 +146,16 @@ class BrokerSession:
         except aiomqtt.MqttError as exc:
             self._on_lost(f"lost the broker {self.route.url}: {exc}")
 
+    def _on_reply_message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        device = self.devices.get(message.topic.split("/", 2)[1])
+        if device is not None:
+            device.on_reply(message.payload)
+
     def _on_message(self, topic: str, payload: Any) -> None:
         parts = topic.split("/")
         if len(parts) < 3:
             return
-        device = self.devices.get(parts[1])
-        if parts[2] == contract.REPLY_TOPIC and device is not None:
-            device.on_reply(bytes(payload))
-        elif parts[2] == contract.STATUS_TOPIC:
+        if parts[2] == contract.STATUS_TOPIC:
             self._on_status(parts[1], bytes(payload))
         elif parts[1] == "_sync" and self._synced is not None and not self._synced.done():
             self._synced.set_result(None)
@@ -170,7 +184,7 @@ class BrokerSession:
         return self.connected and self.statuses.get(device_id, {}).get("online") is True
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, expires: Optional[float] = None) -> None:
-        """Publish now (QoS 1) without waiting for the broker's acknowledgement; with ``expires`` (seconds) the
+        """Publish now (QoS 1); ``flush`` waits for the broker's acknowledgement. With ``expires`` (seconds) the
         broker drops the message if it cannot deliver it in that time (a request past its time limit)."""
         client = self._client
         if client is None:
@@ -182,6 +196,22 @@ class BrokerSession:
         send = asyncio.ensure_future(client.publish(topic, payload, qos=1, retain=retain, properties=properties))
         self._sends.add(send)
         send.add_done_callback(self._sent)
+
+    def send_request(self, topic: str, payload: bytes, expires: float) -> None:
+        """A request: published at once by the MQTT client underneath, with no task to wait for its acknowledgement
+        (its reply is what counts, and its time limit covers a loss). aiomqtt has no call for this; the
+        paho client it wraps does (aiomqtt's acknowledgement bookkeeping ignores messages it did not send)."""
+        client = self._client
+        if client is None:
+            raise DeviceUnreachable("", self.last_error or f"not connected to the broker {self.route.url}")
+        seconds = max(1, math.ceil(expires))
+        properties = self._expiry.get(seconds)
+        if properties is None:
+            properties = self._expiry[seconds] = Properties(PacketTypes.PUBLISH)
+            properties.MessageExpiryInterval = seconds
+        info = client._client.publish(topic, payload, qos=1, properties=properties)
+        if info.rc != 0:
+            raise DeviceUnreachable("", f"the broker {self.route.url} did not take the request (paho code {info.rc})")
 
     def _sent(self, send: "asyncio.Future[None]") -> None:
         self._sends.discard(send)
@@ -255,8 +285,11 @@ class BrokerConnection(Requester):
             raise DeviceUnreachable(self.device.id, self._offline_reason())
         limit = self.request_timeout if timeout is None else timeout
         request_id = self._replies.expect(callback, command, limit)
-        self.session.publish(self._requests, address_request(body, request_id, self._addressing).rstrip(b"\n"),
-                             expires=limit)
+        try:
+            self.session.send_request(self._requests, address_request(body, request_id, self._addressing)[:-1], limit)
+        except DeviceUnreachable as exc:
+            self._replies.cancel(request_id)
+            raise DeviceUnreachable(self.device.id, exc.message) from None
 
     def on_reply(self, payload: bytes) -> None:
         try:

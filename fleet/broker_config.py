@@ -73,7 +73,9 @@ def mosquitto_conf(files: BrokerFiles, folder: Path, *, host: str = "", port: in
         "log_type warning",
         "log_type notice",
         "log_type information",
-        "max_queued_messages 10000",
+        # A controller gets a reply from every device of a send_all: let them queue and flow, not drop.
+        "max_queued_messages 100000",
+        "max_inflight_messages 1000",
     ]
     if run_as:
         lines.append(f"user {run_as}")

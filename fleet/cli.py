@@ -167,7 +167,7 @@ async def run(args: argparse.Namespace) -> int:
         return broker_cli.run(args, Output(args.json).emit)
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError("--timeout must be a positive number of seconds")
-    if args.concurrency < 1:
+    if args.concurrency is not None and args.concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
     ids = select(inventory, args)
     fleet = Fleet.from_inventory(inventory, concurrency=args.concurrency)

@@ -13,7 +13,7 @@ from typing import Any, List
 from agent import __version__
 
 from . import agent_cli, broker_cli, ca_cli, keys_cli, provision_cli, state_cli
-from .fleet import DEFAULT_CONCURRENCY
+from .fleet import DEFAULT_BROKER_CONCURRENCY, DEFAULT_CONCURRENCY
 from .state import STATE_ENV
 
 DEVICES_ENV = "FLEET_DEVICES"
@@ -36,8 +36,9 @@ def _common_options(after_subcommand: bool) -> argparse.ArgumentParser:
                         help="print one JSON document instead of tables")
     common.add_argument("--timeout", type=float, default=default(None),
                         help="seconds to wait for each reply (default: the inventory's, 30)")
-    common.add_argument("--concurrency", type=int, default=default(DEFAULT_CONCURRENCY),
-                        help=f"requests in flight at once across the fleet (default {DEFAULT_CONCURRENCY})")
+    common.add_argument("--concurrency", type=int, default=default(None),
+                        help=f"requests in flight at once across the fleet (default {DEFAULT_CONCURRENCY}; "
+                             f"{DEFAULT_BROKER_CONCURRENCY} with devices behind a broker)")
     common.add_argument("-v", "--verbose", action="store_true", default=default(False), help="log connection details")
     common.add_argument("--state", default=default(None), metavar="PATH",
                         help=f"the controller's state file (default ${STATE_ENV}, or .pifleet/state.db beside the "

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 # Limits
 DEFAULT_CONCURRENCY = 64  # requests in flight across the fleet
+DEFAULT_BROKER_CONCURRENCY = 1000  # the same, for a fleet with devices behind a broker
 
 ResultCallback = Callable[[DeviceResult], None]
 
@@ -49,15 +50,15 @@ class Fleet:
         self,
         devices: Iterable[Device] = (),
         *,
-        concurrency: int = DEFAULT_CONCURRENCY,
+        concurrency: Optional[int] = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         request_timeout: float = DEFAULT_TIMEOUT,
         keepalive: bool = False,
         on_message: Optional[MessageCallback] = None,
     ) -> None:
-        if concurrency < 1:
+        if concurrency is not None and concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        self.concurrency = concurrency
+        self._concurrency = concurrency
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.keepalive = keepalive
@@ -67,6 +68,15 @@ class Fleet:
         self._deadlines = Deadlines()  # one timer per distinct time limit, for every request of the fleet
         for device in devices:
             self.add_device(device)
+
+    @property
+    def concurrency(self) -> int:
+        """Requests in flight at a time: as given, or by default 64, and 1,000 for a fleet with devices behind a
+        broker (a request there is a message, not a connection's turn, and takes a few hops: more must be in flight
+        to keep the broker busy)."""
+        if self._concurrency is not None:
+            return self._concurrency
+        return DEFAULT_BROKER_CONCURRENCY if self._brokers else DEFAULT_CONCURRENCY
 
     @classmethod
     def from_inventory(cls, inventory: Inventory, **options: Any) -> "Fleet":

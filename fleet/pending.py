@@ -41,6 +41,10 @@ class PendingReplies:
         self._pending[request_id] = (callback, command)
         return request_id
 
+    def cancel(self, request_id: int) -> None:
+        """Forget a request that could not be sent after all (its caller is told by an exception instead)."""
+        self._pending.pop(request_id, None)
+
     def _expire(self, request_id: int, command: str, limit: float) -> None:
         waiting = self._pending.pop(request_id, None)
         if waiting is not None:
