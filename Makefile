@@ -66,6 +66,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/hostile_lan.py
 	$(BIN)/python bench/fanout.py
 	$(BIN)/python bench/converge.py
+	$(BIN)/python bench/broker_scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

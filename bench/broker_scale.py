@@ -107,11 +107,12 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-async def pings(fleet: Fleet, n: int, others: Sequence[int]) -> Dict[str, float]:
-    """send_all(ping): median wall and controller CPU of ``ROUNDS``, and the CPU of ``others`` per ping."""
+async def pings(fleet: Fleet, n: int, others: Sequence[int], devices: Sequence[int] = ()) -> Dict[str, float]:
+    """send_all(ping): median wall and controller CPU of ``ROUNDS``, and the CPU per ping of ``others`` (the
+    broker, or the agents) and of ``devices`` (the simulated devices' processes)."""
     await fleet.send_all({"command": "ping"})  # warm
     walls, cpus = [], []
-    others_before = processes_cpu(list(others))
+    others_before, devices_before = processes_cpu(list(others)), processes_cpu(list(devices))
     for _ in range(ROUNDS):
         wall, cpu = time.perf_counter(), time.process_time()
         results = await fleet.send_all({"command": "ping"})
@@ -120,10 +121,12 @@ async def pings(fleet: Fleet, n: int, others: Sequence[int]) -> Dict[str, float]
         failed = [r for r in results.values() if r.status is not Status.OK]
         assert not failed, f"{len(failed)} pings failed, e.g. {failed[0].as_dict()}"
     return {"ping_wall": statistics.median(walls), "ping_cpu_per_device": statistics.median(cpus) / n,
-            "others_cpu_per_ping": (processes_cpu(list(others)) - others_before) / (ROUNDS * n)}
+            "others_cpu_per_ping": (processes_cpu(list(others)) - others_before) / (ROUNDS * n),
+            "devices_cpu_per_ping": (processes_cpu(list(devices)) - devices_before) / (ROUNDS * n)}
 
 
-async def through_broker(port: int, n: int, broker_pid: int, folder: Path) -> Dict[str, float]:
+async def through_broker(port: int, n: int, broker_pid: int, device_pids: List[int],
+                         folder: Path) -> Dict[str, float]:
     url = f"mqtt://127.0.0.1:{port}"
     ids = [f"sim{i:05d}" for i in range(n)]
     async with Fleet([Device(id=d, host="", broker=BrokerRoute(url)) for d in ids], connect_timeout=60,
@@ -132,7 +135,7 @@ async def through_broker(port: int, n: int, broker_pid: int, folder: Path) -> Di
         connected = await fleet.connect()
         figures = {"controller_connect": time.perf_counter() - started}
         assert all(r.status is Status.OK for r in connected.values()), "a device is not online"
-        figures.update(await pings(fleet, n, [broker_pid]))
+        figures.update(await pings(fleet, n, [broker_pid], device_pids))
         figures["converge"] = await new_release_everywhere(fleet, ids, port, folder)
     return figures
 
@@ -194,7 +197,7 @@ def main(argv: List[str] | None = None) -> int:
             procs, connect_all = start_devices(port, args.devices, args.processes)
             print(f"{args.devices} devices online at the broker in {connect_all:.1f}s", file=sys.stderr, flush=True)
             broker_cpu = processes_cpu([broker.pid])
-            mqtt = asyncio.run(through_broker(port, args.devices, broker.pid, folder))
+            mqtt = asyncio.run(through_broker(port, args.devices, broker.pid, [p.pid for p in procs], folder))
             mqtt.update(connect_all=connect_all, broker_rss=rss_mib(broker.pid),
                         broker_cpu=processes_cpu([broker.pid]) - broker_cpu)
             stop(procs)
@@ -232,10 +235,11 @@ def report(args: argparse.Namespace, mqtt: Dict[str, float], tcp: Dict[str, floa
         print(f"{label:44} {broker_figure:20.3f} {tcp_figure:18.3f}  {target}")
     print(f"broker: RSS {mqtt['broker_rss']:.0f} MiB with {args.devices} connections and their retained messages; "
           f"CPU {mqtt['broker_cpu']:.1f} s over the whole broker run")
-    print(f"bound: the controller, the broker and the device processes share {cores} CPUs here; a send_all(ping) "
-          f"cannot take less than (controller + broker) CPU per ping x devices / {cores} = "
-          f"{(mqtt['ping_cpu_per_device'] + mqtt['others_cpu_per_ping']) * args.devices / cores:.2f} s "
-          "before the devices' own CPU is counted")
+    per_ping = mqtt["ping_cpu_per_device"] + mqtt["others_cpu_per_ping"] + mqtt["devices_cpu_per_ping"]
+    print(f"bound: the controller, the broker and the simulated devices ({mqtt['devices_cpu_per_ping'] * 1000:.3f} ms "
+          f"CPU per ping) share {cores} CPUs here, so a send_all(ping) to {args.devices} cannot take less than "
+          f"their CPU per ping x devices / {cores} = {per_ping * args.devices / cores:.2f} s; on a fleet each "
+          "device has its own CPU and the broker a machine of its own")
 
 
 if __name__ == "__main__":

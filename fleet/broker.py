@@ -46,6 +46,9 @@ KEEPALIVE = 30  # seconds
 # Requests on their way to the broker, unacknowledged: no limit here (Fleet.concurrency is the limit). paho's
 # default, 20, throttled a send_all; and with any limit, paho scans its whole queue at every acknowledgement.
 MAX_INFLIGHT = 0
+# aiomqtt logs a warning per publish while more than this many wait for the broker's acknowledgement; leaving the
+# desired releases of ten thousand devices in the broker makes ten thousand, on purpose.
+PENDING_CALLS_NOTICE = 1_000_000
 RETRY_FIRST = 0.2  # seconds before trying a broker that refused a connection again (then doubling)
 
 
@@ -117,6 +120,7 @@ class BrokerSession:
                                 tls_context=broker_context(self.route), keepalive=KEEPALIVE,
                                 timeout=self.connect_timeout, protocol=aiomqtt.ProtocolVersion.V5,
                                 max_inflight_messages=MAX_INFLIGHT)
+        client.pending_calls_threshold = PENDING_CALLS_NOTICE
         try:
             await client.__aenter__()
         except (aiomqtt.MqttError, OSError, ssl.SSLError) as exc:
