@@ -129,21 +129,23 @@ class Agent:
 
     # Lifecycle
 
-    async def start(self) -> Tuple[str, int]:
-        """Claim the root, recover and load the handlers, then start listening."""
+    async def start(self) -> Optional[Tuple[str, int]]:
+        """Claim the root, recover and load the handlers, then start listening (and with --broker, connect out).
+        Returns the TCP address it listens on; None with --no-listen."""
         self._root_lock.acquire()  # RootInUse: another agent runs here
         await self.recovery.start()
-        self.address = await self.server.start(self.config.host, self.config.port, tls=self._tls_context())
+        tls = self._tls_context()
+        if self.config.listen:
+            self.address = await self.server.start(self.config.host, self.config.port, tls=tls)
         if self.config.broker is not None:
             self._start_broker_link()
         # Which of the box's protections hold: known already if handlers were import-tested at start,
         # else learned in the background, so that a box being set up never delays the first reply.
         self._probe = asyncio.ensure_future(self._report_isolation())
-        log.info(
-            "agent %s listening on %s:%d with %d handler module(s), %d failed",
-            __version__, self.address[0], self.address[1],
-            len(self.registry.modules), len(self.registry.failed),
-        )
+        where = f"{self.address[0]}:{self.address[1]}" if self.address else "no TCP port"
+        log.info("agent %s listening on %s%s with %d handler module(s), %d failed", __version__, where,
+                 f" and through {self.config.broker}" if self.config.broker else "", len(self.registry.modules),
+                 len(self.registry.failed))
         return self.address
 
     def _start_broker_link(self) -> None:

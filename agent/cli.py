@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
 
 from . import __version__
-from .contract import LISTENING
+from .contract import BROKER_MARK, LISTENING
 from .launcher import EXIT_UPGRADE
 from .root_lock import RootInUse
 
@@ -129,6 +129,8 @@ def _add_security_options(parser: argparse.ArgumentParser) -> None:
                   "bundle carries it)")
     broker.add_argument("--broker", metavar="URL", help="mqtts://HOST[:8883], or mqtt://HOST[:1883] on loopback")
     broker.add_argument("--device-id", metavar="ID", help="this device's id, as in the controller's devices.json")
+    broker.add_argument("--no-listen", action="store_true",
+                        help="no TCP listener: reachable through the broker only (--host and --port are ignored)")
     parser.add_argument("--trusted-keys", metavar="DIR",
                         help="run only handler code signed by one of the release keys in DIR (*.pub, from `fleet "
                              "keys init`): unsigned or badly signed pushes, rollbacks and files found at start are "
@@ -221,6 +223,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         trusted_keys=trusted_keys(args),
         broker=args.broker,
         device_id=args.device_id,
+        listen=not args.no_listen,
         sandbox_user=args.sandbox_user,
         supervised=args.supervised,
         max_stuck_threads=args.max_stuck_threads,
@@ -252,8 +255,9 @@ async def serve(config: AgentConfig) -> int:
         loop.add_signal_handler(signum, stop.set)
     agent = Agent(config)
     try:
-        host, port = await agent.start()
-        print(f"pi-agent {__version__} {LISTENING} {host}:{port} (root {config.root})", flush=True)
+        address = await agent.start()
+        where = f"{address[0]}:{address[1]}" if address else f"{BROKER_MARK} {config.broker} as {config.device_id}"
+        print(f"pi-agent {__version__} {LISTENING} {where} (root {config.root})", flush=True)
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(agent.restart_needed.wait()),
                  asyncio.ensure_future(agent.upgrade_staged.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

@@ -57,6 +57,7 @@ class AgentConfig:
     trusted_keys: Optional[Path] = None  # run only code signed by one of these keys (agent/signatures.py)
     broker: Optional[str] = None  # also serve through this MQTT broker (agent/broker_link.py), as device_id
     device_id: Optional[str] = None
+    listen: bool = True  # False: no TCP listener, the broker only
     sandbox_user: str = DEFAULT_SANDBOX_USER  # the import test runs as this user when the agent is root
     supervised: bool = False  # a supervisor restarts the agent: exit when stuck threads pass the limit
     # Timeouts
@@ -104,7 +105,10 @@ class AgentConfig:
             raise ConfigError(f"no user {self.sandbox_user!r} on this system for the import test's box "
                               "(--sandbox-user); name an existing unprivileged user, such as nobody")
         self._check_broker()
-        if self.token is None and self.tls is None and not self.insecure and not is_loopback(self.host):
+        if not self.listen and self.broker is None:
+            raise ConfigError("--no-listen leaves the agent no way to be reached: give --broker too")
+        if self.listen and self.token is None and self.tls is None and not self.insecure \
+                and not is_loopback(self.host):
             raise ConfigError(
                 f"refusing to listen on {self.host} without a token or TLS: anyone on the network could "
                 f"push code. Give --tls-cert/--tls-key/--tls-ca (mutual TLS), or --token-file or {TOKEN_ENV}, "

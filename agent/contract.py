@@ -117,14 +117,21 @@ def broker_address(url: str) -> Tuple[bool, str, int]:
 
 
 
+BROKER_MARK = "broker"  # ... "listening on broker mqtts://HOST:8883 as ID (...)": --no-listen, no TCP port
+
+
 def listening_address(line: str) -> Optional[Tuple[str, int]]:
-    """``(host, port)`` from the line pi-agent prints once it accepts connections; None for any other line.
+    """``(host, port)`` from the line pi-agent prints once it accepts connections; None for any other line, and
+    for an agent reachable only through a broker (``--no-listen``).
 
     What starts an agent with ``--port 0`` (the demo, the tests) reads the port it got from here.
     """
     if LISTENING not in line:
         return None
-    host, _, port = line.split(LISTENING, 1)[1].split()[0].rpartition(":")
+    where = line.split(LISTENING, 1)[1].split()[0]
+    if where == BROKER_MARK:
+        return None
+    host, _, port = where.rpartition(":")
     return host, int(port)
 
 

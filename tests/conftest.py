@@ -313,3 +313,13 @@ def own_broker(broker_pki, tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+async def until_online(fleet, device_id, limit=20.0):
+    """The device's status, once its agent (started just now) is online at the broker: the broker says when."""
+    online = asyncio.Event()
+    fleet.watch(lambda _device: online.set(), retry_every=1.0, targets=[device_id])
+    await fleet.connect(device_id)  # connects to the broker; the device may not be there yet
+    if not fleet.connected(device_id):
+        await asyncio.wait_for(online.wait(), limit)
+    return await fleet.send(device_id, {"command": "get_status"})

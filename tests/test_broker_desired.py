@@ -108,3 +108,23 @@ async def test_a_broker_restart_in_the_middle_of_a_rollout_ends_with_every_devic
         assert (await reported(own_broker, device_id, report.releases[0]))["state"] == "current"
         assert agent.registry.modules["ver"].sha256 == sha(V1)
         assert len(await pushes(agent, "ver.py")) == 1  # pushed or converged, never both
+
+
+async def test_rollback_to_a_release_and_of_one_file_through_the_broker(start_agent, broker, tmp_path):
+    from fleet.converge import fileset_of
+
+    agent = await start_agent(broker=broker.plain_url, device_id="m9")
+    v2 = V1.replace("VERSION = 1", "VERSION = 2")
+    with StateStore(tmp_path / "state.db") as store:
+        async with Fleet([via(broker, "m9")]) as fleet:
+            first = await deploy(fleet, store, {"ver.py": V1}, ["m9"])
+            await deploy(fleet, store, {"ver.py": v2}, ["m9"])
+            assert (await fleet.send("m9", {"command": "version"}))["version"] == 2
+            undone = await fleet.send("m9", {"command": "rollback_handler", "filename": "ver.py"})  # one file
+            assert undone["success"] is True and undone["version"] == sha(V1)
+            await deploy(fleet, store, {"ver.py": v2}, ["m9"])
+            back = await run_recorded(fleet, store, "rollback", {"m9": fileset_of(store, first.releases[0])},
+                                      RolloutPlan())
+            assert back.ok and (await fleet.send("m9", {"command": "version"}))["version"] == 1
+    assert (await reported(broker, "m9", first.releases[0]))["state"] == "current"  # its desired release, too
+    assert agent.registry.modules["ver"].sha256 == sha(V1)

@@ -2,13 +2,18 @@
 
 import asyncio
 import json
+import subprocess
+import sys
 import uuid
 
 import aiomqtt
 import pytest
 
 from agent.config import AgentConfig, ConfigError
-from conftest import wait_until
+from agent.contract import listening_address
+from conftest import REPO, until_online, wait_until
+from fleet import Device, Fleet
+from fleet.inventory import BrokerRoute
 
 HELLO = "def handle_hello(data):\n    return {'hello': data.get('name', 'world')}\n"
 
@@ -98,3 +103,25 @@ async def test_an_agent_comes_back_after_the_broker_restarts(start_agent, own_br
 def test_bad_broker_settings_are_refused_with_the_reason(tmp_path, options, words):
     with pytest.raises(ConfigError, match=words):
         AgentConfig(root=tmp_path, **options)
+
+
+async def test_an_agent_with_no_tcp_listener_is_reached_through_the_broker_alone(tmp_path, broker):
+    agent = subprocess.Popen([sys.executable, "-m", "agent", "--root", str(tmp_path / "root"), "--no-listen",
+                              "--broker", broker.plain_url, "--device-id", "quiet"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = agent.stdout.readline()
+        assert f"listening on broker {broker.plain_url} as quiet" in line and listening_address(line) is None
+        async with Fleet([Device(id="quiet", host="", broker=BrokerRoute(broker.plain_url))]) as fleet:
+            status = await until_online(fleet, "quiet")
+        assert status["success"] is True
+    finally:
+        agent.terminate()
+        assert agent.wait(timeout=20) == 0
+        agent.stdout.close()
+
+
+def test_no_listen_without_a_broker_is_refused(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "agent", "--root", str(tmp_path), "--no-listen"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--no-listen leaves the agent no way to be reached" in run.stderr

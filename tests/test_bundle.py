@@ -77,7 +77,7 @@ def test_the_bundle_runs_on_every_python_from_39_on_and_pushes_go_through_its_bo
 
 
 async def test_the_bundle_carries_its_mqtt_client_and_serves_through_a_broker_on_python_39(built, tmp_path, broker):
-    from conftest import python39
+    from conftest import python39, until_online
     from fleet import Device, Fleet
     from fleet.inventory import BrokerRoute
 
@@ -97,18 +97,6 @@ async def test_the_bundle_carries_its_mqtt_client_and_serves_through_a_broker_on
         agent.wait(timeout=20)
         agent.stdout.close()
         agent.stderr.close()
-
-
-async def until_online(fleet, device_id, limit=20.0):
-    """The device's status, once its agent (started just now) is online at the broker: the broker says when."""
-    import asyncio
-
-    online = asyncio.Event()
-    fleet.watch(lambda _device: online.set(), retry_every=1.0, targets=[device_id])
-    await fleet.connect(device_id)  # connects to the broker; the device may not be there yet
-    if not fleet.connected(device_id):
-        await asyncio.wait_for(online.wait(), limit)
-    return await fleet.send(device_id, {"command": "get_status"})
 
 
 def test_the_package_holds_the_agent_its_unit_config_and_scripts(built):
