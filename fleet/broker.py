@@ -86,6 +86,8 @@ class BrokerSession:
         self._sends: "set[asyncio.Future[None]]" = set()
         self.blobs_published: "set[str]" = set()  # file contents this session has left at the broker
         self._expiry: Dict[int, Properties] = {}  # MessageExpiryInterval properties, one per time limit
+        self._keeper: Optional["asyncio.Task[None]"] = None
+        self._lost = asyncio.Event()
 
     @property
     def connected(self) -> bool:
@@ -178,8 +180,28 @@ class BrokerSession:
         if device is not None and was != (status.get("online") is True):
             device.on_online(status.get("online") is True)
 
+    def keep(self, retry_every: float) -> None:
+        """Stay connected from now on: after a loss, connect again (retrying every ``retry_every`` seconds at
+        most, with jitter); the devices' retained statuses then say who is online (``on_connected``)."""
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.ensure_future(self._keep(retry_every))
+
+    async def _keep(self, retry_every: float) -> None:
+        while True:
+            if self.connected:
+                self._lost.clear()
+                await self._lost.wait()
+                continue
+            try:
+                await self.connect()
+                log.info("connected to the broker %s again", self.route.url)
+            except DeviceUnreachable as exc:
+                log.debug("%s", exc.message)
+                await asyncio.sleep(retry_every * random.uniform(0.5, 1.0))
+
     def _on_lost(self, reason: str) -> None:
         self._client = None
+        self._lost.set()
         self.last_error = reason
         for device in self.devices.values():
             device.on_online(False, reason)
@@ -228,6 +250,8 @@ class BrokerSession:
             await asyncio.wait(list(self._sends), timeout=self.connect_timeout)
 
     async def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
         await self.flush()
         client, self._client = self._client, None
         if client is not None:
@@ -280,8 +304,10 @@ class BrokerConnection(Requester):
         return f"offline at the broker {self.device.address} (its last will)"
 
     def watch(self, on_connected: Callable[[str], None], retry_every: float) -> None:
-        """Call ``on_connected(device_id)`` each time the device comes online at the broker."""
+        """Call ``on_connected(device_id)`` each time the device comes online at the broker; keep the broker
+        connection up meanwhile."""
         self.on_connected = on_connected
+        self.session.keep(retry_every)
 
     def send_with_callback(self, body: bytes, command: str, callback: ReplyCallback,
                            timeout: Optional[float] = None) -> None:

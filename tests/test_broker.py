@@ -106,3 +106,16 @@ def _agent_files(issued, pki):
     from agent.tls import TLSFiles
 
     return TLSFiles(issued.cert, issued.key, issued.ca, pki.ca.crl_path)
+
+
+async def test_a_watched_device_is_seen_coming_back_after_the_broker_restarts(start_agent, own_broker):
+    await start_agent(broker=own_broker.plain_url, device_id="m5")
+    came_online = []
+    async with Fleet([via(own_broker, "m5")]) as fleet:
+        fleet.watch(came_online.append, retry_every=0.5)
+        await fleet.connect("m5")
+        await asyncio.to_thread(own_broker.restart)
+        # The controller connects again by itself, and hears from the broker that m5 is back
+        await wait_until(lambda: len(came_online) >= 2 and fleet.connected("m5"), timeout=30,
+                         what="m5 online again, as the broker tells the watching controller")
+        assert (await fleet.send("m5", {"command": "ping"}))["message"] == "pong"
