@@ -142,10 +142,11 @@ class Agent:
         # Which of the box's protections hold: known already if handlers were import-tested at start,
         # else learned in the background, so that a box being set up never delays the first reply.
         self._probe = asyncio.ensure_future(self._report_isolation())
-        where = f"{self.address[0]}:{self.address[1]}" if self.address else "no TCP port"
-        log.info("agent %s listening on %s%s with %d handler module(s), %d failed", __version__, where,
-                 f" and through {self.config.broker}" if self.config.broker else "", len(self.registry.modules),
-                 len(self.registry.failed))
+        where = f"listening on {self.address[0]}:{self.address[1]}" if self.address else "serving"
+        if self.config.broker:
+            where += f"{' and' if self.address else ''} through {self.config.broker}"
+        log.info("agent %s %s with %d handler module(s), %d failed", __version__, where,
+                 len(self.registry.modules), len(self.registry.failed))
         return self.address
 
     def _start_broker_link(self) -> None:

@@ -166,7 +166,8 @@ class BrokerLink:
     def _on_disconnect(self, code: Any) -> None:
         self.connected.clear()
         if not self._closing:
-            self.last_error = f"lost the broker {self.url}: {code}"
+            why = paho_client_module().error_string(code) if isinstance(code, int) else str(code)  # paho 1.6: a number
+            self.last_error = f"lost the broker {self.url}: {why}"
             log.warning("%s; reconnecting", self.last_error)
             self._jitter_backoff()
 
