@@ -200,26 +200,24 @@ class BrokerSession:
                 await asyncio.sleep(retry_every * random.uniform(0.5, 1.0))
 
     def _on_lost(self, reason: str) -> None:
+        """The broker connection dropped: every device counts as offline until the broker says otherwise again
+        (its retained status, at the next connection), and requests waiting for a reply fail."""
         self._client = None
         self._lost.set()
         self.last_error = reason
+        self.statuses.clear()
         for device in self.devices.values():
             device.on_online(False, reason)
 
     def online(self, device_id: str) -> bool:
         return self.connected and self.statuses.get(device_id, {}).get("online") is True
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False, expires: Optional[float] = None) -> None:
-        """Publish now (QoS 1); ``flush`` waits for the broker's acknowledgement. With ``expires`` (seconds) the
-        broker drops the message if it cannot deliver it in that time (a request past its time limit)."""
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Publish now (QoS 1); ``flush`` waits for the broker's acknowledgement."""
         client = self._client
         if client is None:
             raise DeviceUnreachable("", self.last_error or f"not connected to the broker {self.route.url}")
-        properties = None
-        if expires is not None:
-            properties = Properties(PacketTypes.PUBLISH)
-            properties.MessageExpiryInterval = max(1, math.ceil(expires))
-        send = asyncio.ensure_future(client.publish(topic, payload, qos=1, retain=retain, properties=properties))
+        send = asyncio.ensure_future(client.publish(topic, payload, qos=1, retain=retain))
         self._sends.add(send)
         send.add_done_callback(self._sent)
 
