@@ -211,6 +211,15 @@ def trusted_keys(args: argparse.Namespace) -> Optional[Path]:
     return Path(args.trusted_keys)
 
 
+def broker_url(args: argparse.Namespace) -> Optional[str]:
+    """``--broker URL``, with its MQTT client checked now: a missing package stops the start with how to install it."""
+    if args.broker:
+        from .broker_link import paho_client_module
+
+        paho_client_module()
+    return args.broker
+
+
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
     return AgentConfig(
         root=Path(args.root).expanduser(),
@@ -221,7 +230,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         insecure=args.insecure,
         tls=tls_files(args),
         trusted_keys=trusted_keys(args),
-        broker=args.broker,
+        broker=broker_url(args),
         device_id=args.device_id,
         listen=not args.no_listen,
         sandbox_user=args.sandbox_user,

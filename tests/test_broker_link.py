@@ -125,3 +125,10 @@ def test_no_listen_without_a_broker_is_refused(tmp_path):
     run = subprocess.run([sys.executable, "-m", "agent", "--root", str(tmp_path), "--no-listen"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "--no-listen leaves the agent no way to be reached" in run.stderr
+
+
+def test_the_agent_refuses_to_start_with_a_broker_without_its_mqtt_client(tmp_path):
+    hide = "import sys; sys.modules['paho'] = None; from agent.cli import main; sys.exit(main(sys.argv[1:]))"
+    run = subprocess.run([sys.executable, "-c", hide, "--root", str(tmp_path), "--broker", "mqtt://127.0.0.1:1883",
+                          "--device-id", "d"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "sudo apt install python3-paho-mqtt" in run.stderr, run.stderr
