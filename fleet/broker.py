@@ -26,7 +26,7 @@ import socket
 import ssl
 import time
 import uuid
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -88,6 +88,7 @@ class BrokerSession:
         self._expiry: Dict[int, Properties] = {}  # MessageExpiryInterval properties, one per time limit
         self._keeper: Optional["asyncio.Task[None]"] = None
         self._lost = asyncio.Event()
+        self._reports: Optional[Dict[str, Dict[str, Any]]] = None  # while last_reports() collects them
 
     @property
     def connected(self) -> bool:
@@ -128,7 +129,6 @@ class BrokerSession:
         except (aiomqtt.MqttError, OSError, ssl.SSLError) as exc:
             self.last_error = f"cannot reach the broker {self.route.url}: {exc}"
             raise DeviceUnreachable("", self.last_error) from None
-        self._synced = asyncio.get_running_loop().create_future()
         # Replies are handed over by paho itself, on the event loop's thread where aiomqtt drives it: aiomqtt's
         # message iterator spends a queue, a task and a wait on each message, twice the cost of the rest of a
         # reply's way in a send_all to thousands of devices. The iterator stays for everything else.
@@ -140,9 +140,8 @@ class BrokerSession:
         # delivery would cost an acknowledgement both ways.
         await client.subscribe([(contract.reply_topic("+", self.name), 0),
                                 (contract.device_topic("+", contract.STATUS_TOPIC), 1), (sync, 1)])
-        await client.publish(sync, b"{}", qos=1)
         self._client = client
-        await asyncio.wait_for(asyncio.shield(self._synced), self.connect_timeout)
+        await self._sync(client)  # every device's retained status is in
         self.last_error = None
 
     async def _read(self, client: aiomqtt.Client) -> None:
@@ -163,8 +162,35 @@ class BrokerSession:
             return
         if parts[2] == contract.STATUS_TOPIC:
             self._on_status(parts[1], bytes(payload))
+        elif parts[2] == contract.REPORTED_TOPIC and self._reports is not None:
+            try:
+                self._reports[parts[1]] = json.loads(payload)
+            except ValueError:
+                pass
         elif parts[1] == "_sync" and self._synced is not None and not self._synced.done():
             self._synced.set_result(None)
+
+    async def last_reports(self, device_ids: List[str]) -> Dict[str, Dict[str, Any]]:
+        """What each device last reported at the broker (its retained ``reported``: the release it applied, when,
+        how it went), for those that have: what ``fleet status`` says of a device that is offline now."""
+        await self.connect()
+        client = self._client
+        assert client is not None
+        topics = [contract.device_topic(d, contract.REPORTED_TOPIC) for d in device_ids]
+        self._reports = {}
+        try:
+            await client.subscribe([(topic, 1) for topic in topics])
+            await self._sync(client)  # the broker sends retained messages before our own message comes back
+            return dict(self._reports)
+        finally:
+            self._reports = None
+            await client.unsubscribe(topics)
+
+    async def _sync(self, client: aiomqtt.Client) -> None:
+        """Send ourselves a message through the broker and wait for it: what it sent before has arrived."""
+        self._synced = asyncio.get_running_loop().create_future()
+        await client.publish(f"{contract.TOPIC_ROOT}/_sync/{self.name}", b"{}", qos=1)
+        await asyncio.wait_for(asyncio.shield(self._synced), self.connect_timeout)
 
     def _on_status(self, device_id: str, payload: bytes) -> None:
         try:

@@ -52,9 +52,10 @@ async def cmd_status(fleet: Fleet, inventory: Inventory, ids: List[str], args: a
         with StateStore(args.state_file) as store:
             desired = store.desired(ids)
             known, releases = store.release_index()
-    places = status_view.standings(devices, statuses, desired, known, releases)
-    out.emit(status_view.status_document(devices, statuses, last, places),
-             status_view.status_table(devices, statuses, last, places, wide=args.wide))
+    reports = await fleet.last_reports([i for i in ids if i not in reachable])  # offline, behind a broker
+    places = status_view.standings(devices, statuses, desired, known, releases, reports)
+    out.emit(status_view.status_document(devices, statuses, last, places, reports),
+             status_view.status_table(devices, statuses, last, places, wide=args.wide, reports=reports))
     return EXIT_OK if len(reachable) == len(ids) else EXIT_FAILED
 
 

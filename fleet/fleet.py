@@ -232,6 +232,22 @@ class Fleet:
     def device(self, device_id: str) -> Device:
         return self._connection(device_id).device
 
+    async def last_reports(self, device_ids: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+        """What devices behind a broker last reported there (the release they applied, when, how it went): for
+        those that are offline now, the broker still knows. Devices over TCP, or that never reported, are left out."""
+        by_session: Dict["BrokerSession", List[str]] = {}
+        for device_id in device_ids:
+            session = self.broker_session(device_id)
+            if session is not None:
+                by_session.setdefault(session, []).append(device_id)
+        reports: Dict[str, Dict[str, Any]] = {}
+        for session, ids in by_session.items():
+            try:
+                reports.update(await session.last_reports(ids))
+            except DeviceError:  # the broker is unreachable too: their rows say so already
+                pass
+        return reports
+
     def broker_session(self, device_id: str) -> "Optional[BrokerSession]":
         """The broker session ``device_id`` is reached through; None for a device reached over TCP."""
         connection = self._connection(device_id)

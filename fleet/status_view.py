@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
 from .inventory import Device
 from .results import DeviceResult, Status, short
-from .standing import CURRENT, REFUSED, Known, Standing, count, standing
+from .standing import CURRENT, REFUSED, UNREACHABLE, Known, Standing, count, standing
 from .tables import DRIFT_MARK, LOW_DISK_SHARE, ago, duration
 from .text import grid, lines
 
@@ -101,7 +101,8 @@ def agent_drift(devices: Sequence[Device], statuses: Dict[str, DeviceResult]) ->
 
 def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
                  last_changes: Dict[str, Optional[Dict[str, Any]]], standings: Dict[str, Standing],
-                 wide: bool = False) -> str:
+                 wide: bool = False, reports: Optional[Mapping[str, Dict[str, Any]]] = None) -> str:
+    """``reports``: what offline devices behind a broker last reported there (``Fleet.last_reports``)."""
     drift = drifted(devices, statuses)
     files = sorted({file for result in statuses.values() if result.status is Status.OK
                     for file in {*_running(result), *_failed_to_load(result)}}) if wide else []
@@ -118,6 +119,8 @@ def status_table(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
         if result.status is not Status.OK:
             rows.append([device.id, *where, *stands, "-", "-", "-", *["-" for _ in files], "-"])
             notes.append(f"{device.id}: {result.error}")
+            if reports and device.id in reports:
+                notes.append(f"{device.id}: {last_report(reports[device.id])}")
             continue
         notes.extend(_notes(device, reply, place, drift.get(device.id, [])))
         if device.id in agents:
@@ -153,14 +156,28 @@ def _notes(device: Device, reply: Dict[str, Any], place: Standing, drift: List[s
     return notes
 
 
+def last_report(report: Dict[str, Any]) -> str:
+    """A line on what an offline device last reported at its broker."""
+    said = f"last reported release {report.get('release')} ({report.get('state', '?')}"
+    said += f": {report['file']}: {report.get('error')}" if report.get("file") else ""
+    return said + (f", {ago(report['at'])})" if isinstance(report.get("at"), (int, float)) else ")")
+
+
 def standings(devices: Sequence[Device], statuses: Dict[str, DeviceResult], desired: Mapping[str, int],
-              known: Known, releases: Mapping[int, Mapping[str, str]]) -> Dict[str, Standing]:
-    """Where each device stands (``standing``), from its status and the store's desired releases."""
+              known: Known, releases: Mapping[int, Mapping[str, str]],
+              reports: Optional[Mapping[str, Dict[str, Any]]] = None) -> Dict[str, Standing]:
+    """Where each device stands (``standing``), from its status and the store's desired releases; for an offline
+    device behind a broker, the release it last reported there (``reports``) is the one it runs, as far as
+    anyone can tell."""
     out = {}
     for device in devices:
         result, want = statuses[device.id], desired.get(device.id)
         if result.status is not Status.OK and result.reply:  # it answered: reachable, but it would not say
             out[device.id] = Standing(REFUSED, want, None)
+            continue
+        if result.status is not Status.OK and reports and device.id in reports:
+            said = reports[device.id]
+            out[device.id] = Standing(UNREACHABLE, want, said.get("release") if said.get("state") == CURRENT else None)
             continue
         modules = (result.reply or {}).get("modules", []) if result.status is Status.OK else None
         out[device.id] = standing(want, releases.get(want, {}) if want else {}, modules, known, releases)
@@ -168,8 +185,8 @@ def standings(devices: Sequence[Device], statuses: Dict[str, DeviceResult], desi
 
 
 def status_document(devices: Sequence[Device], statuses: Dict[str, DeviceResult],
-                    last_changes: Dict[str, Optional[Dict[str, Any]]],
-                    standings: Dict[str, Standing]) -> Dict[str, Any]:
+                    last_changes: Dict[str, Optional[Dict[str, Any]]], standings: Dict[str, Standing],
+                    reports: Optional[Mapping[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
     """What ``status_table`` shows, as one JSON-ready document (``--json``)."""
     drift, agents = drifted(devices, statuses), agent_drift(devices, statuses)
     return {"devices": [
@@ -177,6 +194,7 @@ def status_document(devices: Sequence[Device], statuses: Dict[str, DeviceResult]
          "status": statuses[device.id].status.value, "error": statuses[device.id].error,
          **standings[device.id].as_dict(),
          "agent": statuses[device.id].reply, "last_change": last_changes.get(device.id),
-         "drift": drift.get(device.id, []), "agent_drift": device.id in agents}
+         "drift": drift.get(device.id, []), "agent_drift": device.id in agents,
+         "last_report": (reports or {}).get(device.id)}
         for device in devices
     ]}

@@ -128,3 +128,25 @@ async def test_rollback_to_a_release_and_of_one_file_through_the_broker(start_ag
             assert back.ok and (await fleet.send("m9", {"command": "version"}))["version"] == 1
     assert (await reported(broker, "m9", first.releases[0]))["state"] == "current"  # its desired release, too
     assert agent.registry.modules["ver"].sha256 == sha(V1)
+
+
+async def test_status_tells_what_an_offline_device_last_reported_at_its_broker(start_agent, broker, tmp_path):
+    from fleet.status_view import standings, status_table
+
+    agent = await start_agent(broker=broker.plain_url, device_id="gone")
+    devices = [via(broker, "gone")]
+    with StateStore(tmp_path / "state.db") as store:
+        async with Fleet(devices) as fleet:
+            report = await deploy(fleet, store, {"ver.py": V1}, ["gone"])
+            release = report.releases[0]
+            await reported(broker, "gone", release)
+            await agent.close()
+            await wait_until(lambda: not fleet.connected("gone"), what="the broker to say it is offline")
+            statuses, last = await fleet.status()
+            reports = await fleet.last_reports(["gone"])
+            places = standings(devices, statuses, store.desired(["gone"]), *store.release_index(), reports)
+    assert statuses["gone"].status is Status.UNREACHABLE and reports["gone"]["state"] == "current"
+    assert (places["gone"].state, places["gone"].desired_release, places["gone"].reported_release) == (
+        "unreachable", release, release)
+    assert f"gone: last reported release {release} (current, " in status_table(devices, statuses, last, places,
+                                                                              reports=reports)
