@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import aiomqtt
 
@@ -219,7 +219,7 @@ def report(args: argparse.Namespace, mqtt: Dict[str, float], tcp: Dict[str, floa
     print(f"broker scale bench: Python {sys.version.split()[0]}, {cores} CPUs, one Mosquitto "
           f"(plain MQTT on loopback), devices in {args.processes} processes, controller = this process")
     print(f"{'measure':44} {f'broker, {args.devices} sim.':>20} {f'TCP, {args.tcp} agents':>18}  target")
-    rows = [
+    rows: List[Tuple[str, float, Optional[float], str]] = [
         ("every device online / listening (s)", mqtt["connect_all"], tcp["connect_all"], ""),
         ("controller connected, statuses in (s)", mqtt["controller_connect"], tcp["controller_connect"], ""),
         ("send_all(ping) wall (s)", mqtt["ping_wall"], tcp["ping_wall"],
@@ -228,11 +228,12 @@ def report(args: argparse.Namespace, mqtt: Dict[str, float], tcp: Dict[str, floa
          f"< 0.2: {'met' if mqtt['ping_cpu_per_device'] < 0.0002 else 'MISSED'}"),
         ("  broker / agents CPU per ping (ms)", mqtt["others_cpu_per_ping"] * 1000, tcp["others_cpu_per_ping"] * 1000,
          ""),
-        ("all report a new desired release (s)", mqtt["converge"], float("nan"),
+        ("all report a new desired release (s)", mqtt["converge"], None,
          f"< 10 s: {'met' if mqtt['converge'] < 10 else 'MISSED'}"),
     ]
     for label, broker_figure, tcp_figure, target in rows:
-        print(f"{label:44} {broker_figure:20.3f} {tcp_figure:18.3f}  {target}")
+        tcp_text = f"{tcp_figure:18.3f}" if tcp_figure is not None else f"{'-':>18}"
+        print(f"{label:44} {broker_figure:20.3f} {tcp_text}  {target}")
     print(f"broker: RSS {mqtt['broker_rss']:.0f} MiB with {args.devices} connections and their retained messages; "
           f"CPU {mqtt['broker_cpu']:.1f} s over the whole broker run")
     per_ping = mqtt["ping_cpu_per_device"] + mqtt["others_cpu_per_ping"] + mqtt["devices_cpu_per_ping"]
