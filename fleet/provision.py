@@ -8,7 +8,9 @@ is new and random (``secrets``), one per device, written to
 ``token_file``; ``--shared-token`` gives it the fleet's token from the
 environment instead. When the fleet uses TLS (a CA beside the state file), the
 folder also holds the device's certificate, key, the CA certificate and the
-revocation list.
+revocation list. A device behind NAT (``--broker``) gets an entry with
+``"transport": "mqtt"`` and agent options that connect it out to the broker,
+its certificate as its identity there.
 
 The folder (or ``--tarball``) goes on a USB stick with the agent's ``.deb``:
 on the Pi, ``sudo sh install.sh`` puts the token (and TLS files) in place,
@@ -83,12 +85,15 @@ def provision(inventory: Path, state_dir: Path, entry: Dict[str, Any], out: Path
         _write_secret(kept, token)
     ca = FleetCA(state_dir / "ca")
     tls = ca.exists
+    if "broker" in entry and entry["broker"].startswith("mqtts:") and not tls:
+        raise ConfigError("over mqtts a device's certificate is its identity at the broker: `fleet ca init` first")
     if tls:
         issued = ca.issue(device_id, folder)
         os.replace(issued.cert, folder / "device.crt")
         os.replace(issued.key, folder / "device.key")
-    options = f"--host 0.0.0.0 --port {entry.get('port', 3000)} --token-file /etc/pi-agent/token" + \
-        (TLS_OPTIONS if tls else "")
+    options = (f"--host 0.0.0.0 --port {entry.get('port', 3000)}" if "broker" not in entry else
+               f"--no-listen --broker {entry['broker']} --device-id {device_id}")
+    options += " --token-file /etc/pi-agent/token" + (TLS_OPTIONS if tls else "")
     install = INSTALL.format(tls_words=" and TLS files" if tls else "", tls_steps=TLS_STEPS if tls else "",
                              device=device_id, options=options)
     (folder / "install.sh").write_text(install)

@@ -16,7 +16,10 @@ Emit = Callable[[Dict[str, Any], str], None]
 
 def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("device", metavar="DEVICE_ID", help="the new device's id (letters, digits, '_', '.', '-')")
-    p.add_argument("--host", required=True, help="its address on the network, as the controller reaches it")
+    p.add_argument("--host", default=None, help="its address on the network, as the controller reaches it")
+    p.add_argument("--broker", default=None, metavar="URL",
+                   help="instead of --host, for a device behind NAT: the MQTT broker it connects out to "
+                        "(mqtts://HOST:8883; README: 'Devices behind NAT')")
     p.add_argument("--port", type=int, default=3000, help="its agent's port (default 3000)")
     p.add_argument("--name", default=None, help="a name for people (default: the id)")
     p.add_argument("--type", default=None, help="its kind, e.g. camera (drift is judged among devices of a type)")
@@ -30,7 +33,11 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, inventory: Path, emit: Emit) -> int:
-    entry: Dict[str, Any] = {"id": args.device, "host": args.host, "port": args.port}
+    if (args.host is None) == (args.broker is None):
+        raise ConfigError("give --host (the controller connects to the device) or --broker URL (the device connects "
+                          "out to that MQTT broker), one of them")
+    entry: Dict[str, Any] = ({"id": args.device, "host": args.host, "port": args.port} if args.broker is None else
+                             {"id": args.device, "transport": "mqtt", "broker": args.broker})
     for field in ("name", "type"):
         if getattr(args, field):
             entry[field] = getattr(args, field)

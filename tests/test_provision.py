@@ -61,3 +61,24 @@ def test_the_projects_sample_inventory_is_not_provisioned_into(tmp_path, capsys,
     monkeypatch.delenv("FLEET_DEVICES", raising=False)
     assert main(["provision", "x", "--host", "10.0.0.1"]) == 2
     assert "this is the project's sample" in capsys.readouterr()[1]
+
+
+def test_a_device_behind_nat_is_provisioned_to_connect_out_to_the_broker(tmp_path, capsys):
+    inventory = tmp_path / "devices.json"
+    inventory.write_text('{"defaults": {"ca": "ca.crt", "cert": "laptop.crt", "key": "laptop.key"},\n'
+                         ' "raspberryPiDevices": []}\n')
+    url = "mqtts://broker.example.com:8883"
+    assert main(["-d", str(inventory), "provision", "van", "--broker", url]) == 2  # no CA: no identity
+    assert "`fleet ca init` first" in capsys.readouterr()[1]
+    assert main(["-d", str(inventory), "ca", "init"]) == 0
+    capsys.readouterr()
+    assert main(["-d", str(inventory), "provision", "van", "--broker", url, "--out", str(tmp_path / "usb"),
+                 "--json"]) == 0
+    made = json.loads(capsys.readouterr()[0])
+    assert made["tls"] and "device.crt" in made["files"]
+    (entry,) = json.loads(inventory.read_text())["raspberryPiDevices"]
+    assert {k: entry[k] for k in ("id", "transport", "broker")} == {"id": "van", "transport": "mqtt", "broker": url}
+    install = (tmp_path / "usb" / "van" / "install.sh").read_text()
+    assert f"--no-listen --broker {url} --device-id van --token-file /etc/pi-agent/token --tls-cert" in install
+    assert main(["-d", str(inventory), "provision", "bus", "--host", "10.0.0.9", "--broker", url]) == 2
+    assert "one of them" in capsys.readouterr()[1]
