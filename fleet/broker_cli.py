@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
@@ -21,10 +22,11 @@ def add_commands(sub: Any, make: Any, parents: List[argparse.ArgumentParser]) ->
     actions = broker.add_subparsers(dest="action", metavar="ACTION", required=True)
     config = actions.add_parser(
         "config", parents=parents, help="write mosquitto.conf and its access list",
-        description="Write mosquitto.conf and acl into a folder: TLS with the fleet CA, each client's certificate "
-                    "name as its user name, each device limited to its own topics, the CA's controllers to all of "
-                    "pifleet/, persistence for the desired releases. Run it again after `fleet ca issue-controller` "
-                    "and reload Mosquitto (systemctl reload mosquitto).",
+        description=textwrap.fill(
+            "Write mosquitto.conf and acl into a folder: TLS with the fleet CA, each client's certificate name as "
+            "its user name, each device limited to its own topics, the CA's controllers to all of pifleet/, "
+            "persistence for the desired releases. Run it again after `fleet ca issue-controller` and reload "
+            "Mosquitto (systemctl reload mosquitto).", 79),
         epilog="Example:\n  fleet ca issue-broker broker.example.com\n"
                "  fleet broker config --cert .pifleet/ca/issued/broker.example.com/broker.crt "
                "--out /etc/mosquitto/conf.d/pifleet",
