@@ -65,7 +65,7 @@ def start_broker(folder: Path) -> Tuple[subprocess.Popen, int]:
     ca.init()
     issued = ca.issue("127.0.0.1", folder / "broker-tls", kind="broker", hosts=["127.0.0.1"])
     plain = free_port()
-    conf, _ = write_config(ca, BrokerFiles(issued.cert, issued.key, issued.ca, ca.crl_path), folder / "broker",
+    conf, *_ = write_config(ca, BrokerFiles(issued.cert, issued.key, issued.ca, ca.crl_path), folder / "broker",
                            host="127.0.0.1", port=free_port(), plain_port=plain, run_as=getpass.getuser())
     proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

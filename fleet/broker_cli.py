@@ -28,10 +28,14 @@ def add_commands(sub: Any, make: Any, parents: List[argparse.ArgumentParser]) ->
             "persistence for the desired releases. Run it again after `fleet ca issue-controller` and reload "
             "Mosquitto (systemctl reload mosquitto).", 79),
         epilog="Example:\n  fleet ca issue-broker broker.example.com\n"
-               "  fleet broker config --cert .pifleet/ca/issued/broker.example.com/broker.crt "
-               "--out /etc/mosquitto/conf.d/pifleet",
+               "  fleet broker config --cert .pifleet/ca/issued/broker.example.com/broker.crt --out broker/ "
+               "--installed-at /etc/mosquitto/pifleet --persistence /var/lib/mosquitto",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_argument("--out", required=True, metavar="DIR", help="where to write mosquitto.conf and acl")
+    config.add_argument("--out", required=True, metavar="DIR",
+                        help="where to write mosquitto.conf, acl and the TLS files they name")
+    config.add_argument("--installed-at", default=None, metavar="DIR",
+                        help="where that folder will be on the broker's machine, e.g. /etc/mosquitto/pifleet "
+                             "(default: --out): the configuration names its files there")
     config.add_argument("--cert", required=True, metavar="FILE",
                         help="the broker's certificate from `fleet ca issue-broker` (its key beside it, broker.key)")
     config.add_argument("--port", type=int, default=DEFAULT_TLS_PORT, help=f"TLS port (default {DEFAULT_TLS_PORT})")
@@ -55,10 +59,12 @@ def run(args: argparse.Namespace, emit: Emit) -> int:
             raise ConfigError(f"{path} not found: `fleet ca issue-broker HOST` writes broker.crt and broker.key")
     out = Path(args.out).resolve()
     written = write_config(ca, BrokerFiles(cert, key, ca.cert_path.resolve(), ca.crl_path.resolve()), out,
+                           installed_at=Path(args.installed_at) if args.installed_at else None,
                            host=args.host, port=args.port, plain_port=args.plain_port, run_as=args.user,
                            persistence=Path(args.persistence).resolve() if args.persistence else None)
+    home = Path(args.installed_at) if args.installed_at else out
     emit({"written": [str(p) for p in written]}, lines([
-        f"wrote {', '.join(str(p) for p in written)}",
-        f"run: mosquitto -c {written[0]} (or include it from /etc/mosquitto/mosquitto.conf); the key must be "
-        "readable by the user mosquitto runs as"]))
+        f"wrote {', '.join(p.name for p in written)} in {out}",
+        f"on the broker's machine, with the folder at {home}: mosquitto -c {home / 'mosquitto.conf'} (Debian: "
+        "deploy/mosquitto/mosquitto.service.d); broker.key must be readable by the user Mosquitto runs as"]))
     return 0

@@ -16,6 +16,7 @@ memory at the broker, so persistence is on: they survive a restart.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -48,6 +49,7 @@ def acl_text(controllers: Sequence[str]) -> str:
         f"pattern write {own}/{REPLY_TOPIC}/#",
         f"pattern write {own}/{STATUS_TOPIC}",
         f"pattern write {own}/{REPORTED_TOPIC}",
+        "# File contents, shared by every device (Mosquitto warns that this pattern names no %u: on purpose).",
         f"pattern read {TOPIC_ROOT}/{BLOB_TOPIC}/#",
         "",
         "# Controllers (`fleet ca issue-controller NAME`): everything under the fleet's tree.",
@@ -103,12 +105,27 @@ def mosquitto_conf(files: BrokerFiles, folder: Path, *, host: str = "", port: in
     return "\n".join(lines) + "\n"
 
 
-def write_config(ca: FleetCA, files: BrokerFiles, folder: Path, **options: object) -> List[Path]:
-    """Write ``mosquitto.conf`` and ``acl`` into ``folder`` (controllers: the CA's live controller certificates)."""
+def write_config(ca: FleetCA, files: BrokerFiles, folder: Path, *, installed_at: Optional[Path] = None,
+                 **options: object) -> List[Path]:
+    """Write the broker's folder: ``mosquitto.conf``, ``acl`` (controllers: the CA's live controller
+    certificates), and the TLS files it names. ``installed_at``: where the folder will be on the broker's
+    machine (default: where it is written), which the configuration's paths name."""
     folder.mkdir(parents=True, exist_ok=True)
+    home = installed_at or folder
+    written = []
+    for source, name, mode in ((files.cert, "broker.crt", 0o644), (files.key, "broker.key", 0o600),
+                               (files.ca, "ca.crt", 0o644), (files.crl, "crl.pem", 0o644)):
+        if source is not None:
+            target = folder / name
+            if source.resolve() != target.resolve():
+                shutil.copyfile(source, target)
+            target.chmod(mode)
+            written.append(target)
+    there = BrokerFiles(home / "broker.crt", home / "broker.key", home / "ca.crt",
+                        home / "crl.pem" if files.crl is not None else None)
     controllers = sorted({e["name"] for e in ca.issued() if e["kind"] == "controller" and not e["revoked"]})
     acl = folder / "acl"
     acl.write_text(acl_text(controllers), encoding="utf-8")
     conf = folder / "mosquitto.conf"
-    conf.write_text(mosquitto_conf(files, folder, **options), encoding="utf-8")  # type: ignore[arg-type]
-    return [conf, acl]
+    conf.write_text(mosquitto_conf(there, home, **options), encoding="utf-8")  # type: ignore[arg-type]
+    return [conf, acl, *written]

@@ -56,7 +56,7 @@ class Mosquitto:
         """A broker with the configuration ``fleet broker config`` writes for ``pki``, on free ports."""
         tls_port, plain_port = free_port(), free_port()
         files = BrokerFiles(pki.broker.cert, pki.broker.key, pki.broker.ca, pki.ca.crl_path)
-        conf, _ = write_config(pki.ca, files, folder, host="127.0.0.1", port=tls_port, plain_port=plain_port,
+        conf, *_ = write_config(pki.ca, files, folder, host="127.0.0.1", port=tls_port, plain_port=plain_port,
                                run_as=getpass.getuser())
         return cls(conf, tls_port, plain_port, pki)
 

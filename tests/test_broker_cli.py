@@ -1,7 +1,9 @@
 """The whole path over the command line: a fleet CA, a broker configured from it, a mixed fleet deployed to."""
 
 import json
+import shutil
 import time
+from pathlib import Path
 
 from conftest import sha
 from fleet.cli import main
@@ -25,9 +27,11 @@ def test_a_broker_configured_by_fleet_carries_a_tls_device_beside_a_tcp_one(tmp_
     _, laptop = fleet(capsys, *ca, "issue-controller", "laptop", "--out", str(tmp_path / "laptop"))
     tls_port, plain_port = free_port(), free_port()
     code, written = fleet(capsys, "broker", "--ca-dir", str(tmp_path / "ca"), "config", "--cert", made["cert"],
-                          "--out", str(tmp_path / "broker"), "--port", str(tls_port), "--host", "127.0.0.1",
-                          "--user", "root")
-    assert code == 0 and len(written["written"]) == 2
+                          "--out", str(tmp_path / "staging"), "--installed-at", str(tmp_path / "broker"),
+                          "--port", str(tls_port), "--host", "127.0.0.1", "--user", "root")
+    assert code == 0 and sorted(Path(p).name for p in written["written"]) == [
+        "acl", "broker.crt", "broker.key", "ca.crt", "crl.pem", "mosquitto.conf"]
+    shutil.copytree(tmp_path / "staging", tmp_path / "broker")  # the folder, copied to the broker's machine
     broker = Mosquitto(tmp_path / "broker" / "mosquitto.conf", tls_port, None)
     broker.start()
     try:
