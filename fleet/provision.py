@@ -76,6 +76,10 @@ def provision(inventory: Path, state_dir: Path, entry: Dict[str, Any], out: Path
     kept = state_dir / "tokens" / device_id
     if shared_token is None:
         entry = {**entry, "token_file": os.path.relpath(kept, base)}
+    ca = FleetCA(state_dir / "ca")
+    tls = ca.exists
+    if "broker" in entry and entry["broker"].startswith("mqtts:") and not tls:
+        raise ConfigError("over mqtts a device's certificate is its identity at the broker: `fleet ca init` first")
     new_text = add_entry(text, entry)  # checked whole before anything is written
     parse_inventory(json.loads(new_text), source=str(inventory), environ={}, base=base, check_files=False)
     folder.mkdir(parents=True)
@@ -83,10 +87,6 @@ def provision(inventory: Path, state_dir: Path, entry: Dict[str, Any], out: Path
     if shared_token is None:
         kept.parent.mkdir(parents=True, exist_ok=True)
         _write_secret(kept, token)
-    ca = FleetCA(state_dir / "ca")
-    tls = ca.exists
-    if "broker" in entry and entry["broker"].startswith("mqtts:") and not tls:
-        raise ConfigError("over mqtts a device's certificate is its identity at the broker: `fleet ca init` first")
     if tls:
         issued = ca.issue(device_id, folder)
         os.replace(issued.cert, folder / "device.crt")

@@ -68,8 +68,10 @@ def test_a_device_behind_nat_is_provisioned_to_connect_out_to_the_broker(tmp_pat
     inventory.write_text('{"defaults": {"ca": "ca.crt", "cert": "laptop.crt", "key": "laptop.key"},\n'
                          ' "raspberryPiDevices": []}\n')
     url = "mqtts://broker.example.com:8883"
-    assert main(["-d", str(inventory), "provision", "van", "--broker", url]) == 2  # no CA: no identity
+    out = ["--out", str(tmp_path / "usb")]
+    assert main(["-d", str(inventory), "provision", "van", "--broker", url, *out]) == 2  # no CA: no identity
     assert "`fleet ca init` first" in capsys.readouterr()[1]
+    assert not (tmp_path / "usb").exists() and not (tmp_path / ".pifleet" / "tokens").exists()  # nothing written
     assert main(["-d", str(inventory), "ca", "init"]) == 0
     capsys.readouterr()
     assert main(["-d", str(inventory), "provision", "van", "--broker", url, "--out", str(tmp_path / "usb"),
@@ -80,5 +82,5 @@ def test_a_device_behind_nat_is_provisioned_to_connect_out_to_the_broker(tmp_pat
     assert {k: entry[k] for k in ("id", "transport", "broker")} == {"id": "van", "transport": "mqtt", "broker": url}
     install = (tmp_path / "usb" / "van" / "install.sh").read_text()
     assert f"--no-listen --broker {url} --device-id van --token-file /etc/pi-agent/token --tls-cert" in install
-    assert main(["-d", str(inventory), "provision", "bus", "--host", "10.0.0.9", "--broker", url]) == 2
+    assert main(["-d", str(inventory), "provision", "bus", "--host", "10.0.0.9", "--broker", url, *out]) == 2
     assert "one of them" in capsys.readouterr()[1]
