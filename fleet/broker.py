@@ -49,6 +49,8 @@ MAX_INFLIGHT = 0
 # aiomqtt logs a warning per publish while more than this many wait for the broker's acknowledgement; leaving the
 # desired releases of ten thousand devices in the broker makes ten thousand, on purpose.
 PENDING_CALLS_NOTICE = 1_000_000
+DROP_TIMEOUT = 2.0  # seconds a connection being let go of may take to say goodbye
+ACK_TIMEOUT = 30.0  # seconds for the broker to acknowledge a retained message (a busy broker is slow, not gone)
 RETRY_FIRST = 0.2  # seconds before trying a broker that refused a connection again (then doubling)
 
 
@@ -84,7 +86,7 @@ class BrokerSession:
         self._reader: Optional["asyncio.Task[None]"] = None
         self._synced: Optional["asyncio.Future[None]"] = None
         self._sends: "set[asyncio.Future[None]]" = set()
-        self.blobs_published: "set[str]" = set()  # file contents this session has left at the broker
+        self.blobs: Dict[str, "asyncio.Future[None]"] = {}  # sha256 -> the publish of that file's code
         self._expiry: Dict[int, Properties] = {}  # MessageExpiryInterval properties, one per time limit
         self._keeper: Optional["asyncio.Task[None]"] = None
         self._lost = asyncio.Event()
@@ -135,14 +137,37 @@ class BrokerSession:
         client._client.message_callback_add(contract.reply_topic("+", self.name), self._on_reply_message)
         self._reader = asyncio.ensure_future(self._read(client))
         sync = f"{contract.TOPIC_ROOT}/_sync/{self.name}"
-        # Replies at QoS 0 from the broker to us (a device sends them at QoS 1, which covers its own flaky link):
-        # on this hop a lost reply means a lost connection, which fails the request anyway, and each QoS 1
-        # delivery would cost an acknowledgement both ways.
-        await client.subscribe([(contract.reply_topic("+", self.name), 0),
-                                (contract.device_topic("+", contract.STATUS_TOPIC), 1), (sync, 1)])
+        try:
+            # Replies at QoS 0 from the broker to us (a device sends them at QoS 1, which covers its own flaky
+            # link): on this hop a lost reply means a lost connection, which fails the request anyway, and each
+            # QoS 1 delivery would cost an acknowledgement both ways.
+            await client.subscribe([(contract.reply_topic("+", self.name), 0),
+                                    (contract.device_topic("+", contract.STATUS_TOPIC), 1), (sync, 1)])
+            await self._sync(client)  # every device's retained status is in
+        except (aiomqtt.MqttError, asyncio.TimeoutError) as exc:  # connected, then nothing: a broker going down
+            await self._drop(client)
+            self.last_error = f"the broker {self.route.url} took the connection but did not answer: {exc or 'timeout'}"
+            raise DeviceUnreachable("", self.last_error) from None
         self._client = client
-        await self._sync(client)  # every device's retained status is in
         self.last_error = None
+        log.info("connected to the broker %s as %s", self.route.url, self.name)
+
+    async def _drop(self, client: aiomqtt.Client) -> None:
+        """Let go of a connection that no longer works (its reader stops; a clean goodbye if it can)."""
+        if self._reader is not None:
+            self._reader.cancel()
+        try:
+            await asyncio.wait_for(client.__aexit__(None, None, None), DROP_TIMEOUT)
+        except (aiomqtt.MqttError, asyncio.TimeoutError, OSError):
+            pass
+
+    async def reconnect(self) -> None:
+        """Drop the connection (one that stopped acknowledging, say) and make a new one."""
+        client, self._client = self._client, None
+        if client is not None:
+            await self._drop(client)
+            self._on_lost(f"the broker {self.route.url} stopped answering: connecting again")
+        await self.connect()
 
     async def _read(self, client: aiomqtt.Client) -> None:
         try:
@@ -227,25 +252,38 @@ class BrokerSession:
 
     def _on_lost(self, reason: str) -> None:
         """The broker connection dropped: every device counts as offline until the broker says otherwise again
-        (its retained status, at the next connection), and requests waiting for a reply fail."""
+        (its retained status, at the next connection), requests waiting for a reply fail, and so do publishes
+        waiting for the broker's acknowledgement."""
+        log.warning("%s", reason)
         self._client = None
         self._lost.set()
         self.last_error = reason
         self.statuses.clear()
+        for send in list(self._sends):  # aiomqtt would wait out their time limit: say at once they were lost
+            send.cancel()
         for device in self.devices.values():
             device.on_online(False, reason)
 
     def online(self, device_id: str) -> bool:
         return self.connected and self.statuses.get(device_id, {}).get("online") is True
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        """Publish now (QoS 1); ``flush`` waits for the broker's acknowledgement."""
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> "asyncio.Future[None]":
+        """Publish now (QoS 1); the future is done when the broker has acknowledged it (or failed, saying why)."""
         client = self._client
         if client is None:
             raise DeviceUnreachable("", self.last_error or f"not connected to the broker {self.route.url}")
-        send = asyncio.ensure_future(client.publish(topic, payload, qos=1, retain=retain))
+        send = asyncio.ensure_future(client.publish(topic, payload, qos=1, retain=retain, timeout=ACK_TIMEOUT))
         self._sends.add(send)
-        send.add_done_callback(self._sent)
+        send.add_done_callback(self._sends.discard)
+        return send
+
+    def publish_blob(self, sha256: str, code: bytes) -> "asyncio.Future[None]":
+        """A file's code, retained under its sha256: published once per session for every device that needs it
+        (again if the last attempt failed)."""
+        sent = self.blobs.get(sha256)
+        if sent is None or (sent.done() and (sent.cancelled() or sent.exception() is not None)):
+            sent = self.blobs[sha256] = self.publish(contract.blob_topic(sha256), code, retain=True)
+        return sent
 
     def send_request(self, topic: str, payload: bytes, expires: float) -> None:
         """A request: published at once by the MQTT client underneath, with no task to wait for its acknowledgement
@@ -263,15 +301,10 @@ class BrokerSession:
         if info.rc != 0:
             raise DeviceUnreachable("", f"the broker {self.route.url} did not take the request (paho code {info.rc})")
 
-    def _sent(self, send: "asyncio.Future[None]") -> None:
-        self._sends.discard(send)
-        if not send.cancelled() and send.exception() is not None:
-            log.warning("publish to %s failed: %s", self.route.url, send.exception())
-
     async def flush(self) -> None:
         """Wait until the broker has acknowledged everything published so far (or the time limit passes)."""
         if self._sends:
-            await asyncio.wait(list(self._sends), timeout=self.connect_timeout)
+            await asyncio.wait(list(self._sends), timeout=ACK_TIMEOUT)
 
     async def close(self) -> None:
         if self._keeper is not None:

@@ -12,8 +12,10 @@ its retained messages gets them back.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Dict, Sequence
+import logging
+from typing import Dict, List, Sequence
 
 from agent import contract
 
@@ -23,6 +25,8 @@ from .fileset import FileSet
 from .fleet import Fleet
 from .state import StateStore
 
+log = logging.getLogger(__name__)
+
 
 def desired_message(fileset: FileSet) -> bytes:
     files = {f.name: {"sha256": f.sha256, **({"signature": f.signature, "key_id": f.key_id} if f.signature else {})}
@@ -31,25 +35,42 @@ def desired_message(fileset: FileSet) -> bytes:
 
 
 async def leave_desired(fleet: Fleet, store: StateStore, ids: Sequence[str]) -> Dict[str, str]:
-    """Publish the desired release of each of ``ids`` that is reached through a broker; per device that could
-    not be given it, why (its broker is unreachable: the next converge tries again)."""
+    """Publish the desired release of each of ``ids`` that is reached through a broker, and wait for the broker to
+    acknowledge it; a broker that stops acknowledging gets a new connection and a second try. Per device that
+    could not be given it, why (the next ``fleet converge`` tries again)."""
     behind = [d for d in ids if fleet.broker_session(d) is not None]
+    targets = desired_targets(store, behind)
+    problems = await _publish(fleet, targets)
+    if problems:
+        log.warning("the broker did not take the desired release of %d device(s) (%s): connecting again",
+                    len(problems), next(iter(problems.values())))
+        for session in {fleet.broker_session(d) for d in problems}:
+            try:
+                await session.reconnect()  # type: ignore[union-attr]
+            except DeviceError:
+                pass
+        problems = await _publish(fleet, {d: targets[d] for d in problems})
+    return problems
+
+
+async def _publish(fleet: Fleet, targets: Dict[str, FileSet]) -> Dict[str, str]:
     problems: Dict[str, str] = {}
-    sessions = set()
-    for device_id, fileset in desired_targets(store, behind).items():
+    sends: Dict[str, List["asyncio.Future[None]"]] = {}
+    for device_id, fileset in targets.items():
         session = fleet.broker_session(device_id)
         assert session is not None
         try:
             await session.connect()
-            for file in fileset.files:
-                if file.sha256 not in session.blobs_published:
-                    session.publish(contract.blob_topic(file.sha256), file.code.encode("utf-8"), retain=True)
-                    session.blobs_published.add(file.sha256)
-            session.publish(contract.device_topic(device_id, contract.DESIRED_TOPIC), desired_message(fileset),
-                            retain=True)
+            sends[device_id] = [session.publish_blob(f.sha256, f.code.encode("utf-8")) for f in fileset.files]
+            sends[device_id].append(session.publish(contract.device_topic(device_id, contract.DESIRED_TOPIC),
+                                                    desired_message(fileset), retain=True))
         except DeviceError as exc:
             problems[device_id] = exc.message
-        sessions.add(session)
-    for session in sessions:
-        await session.flush()
+    for device_id, waiting in sends.items():
+        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+        failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if isinstance(failed, asyncio.CancelledError):
+            problems[device_id] = "the connection to the broker dropped before it acknowledged it"
+        elif failed is not None:
+            problems[device_id] = f"the broker did not acknowledge it: {failed}"
     return problems
