@@ -93,14 +93,9 @@ class _Connection(asyncio.BufferedProtocol):
         if len(server.connections) >= server.max_connections and not server.closing:
             server.make_room()
         if len(server.connections) >= server.max_connections or server.closing:
-            reason = (
-                ShuttingDown("the agent is shutting down; reconnect in a moment")
-                if server.closing
-                else Busy(
-                    f"the agent already has {server.max_connections} connections open, each working "
-                    "for its client; retry in a moment"
-                )
-            )
+            reason = ShuttingDown("the agent is shutting down; reconnect in a moment") if server.closing else Busy(
+                f"the agent already has {server.max_connections} connections open, each working for its client; "
+                "retry in a moment")
             transport.write(error_line(reason))
             transport.close()
             self._closed = True
