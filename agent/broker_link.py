@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Set
 from . import contract
 from .config import ConfigError
 from .errors import WRONG_TOKEN, AgentError, Busy, ShuttingDown, TooLarge, Unauthorized
-from .protocol import error_line, parse_request, request_id_of
+from .protocol import Request, error_line, parse_request, reply_to_of, request_id_of
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
@@ -200,15 +200,23 @@ class BrokerLink:
             self._blobs.pop(topic, None)
 
     def _serve(self, payload: bytes) -> None:
+        request: Optional[Request] = None
         try:
-            reply_to = json.loads(payload).get("reply_to")
-        except (ValueError, AttributeError, UnicodeDecodeError):
-            reply_to = None
+            if len(payload) > self._max_request_bytes:
+                raise TooLarge(f"request over the limit of {self._max_request_bytes} bytes")
+            request = parse_request(payload)
+            reply_to = request.args.get("reply_to")
+        except AgentError as exc:  # refused, with a reply if it says where to
+            refusal, reply_to = exc, reply_to_of(payload)
         if not isinstance(reply_to, str) or not reply_to.startswith(self._reply_prefix) or "#" in reply_to \
                 or "+" in reply_to:
             log.warning("dropped a request without a usable 'reply_to' (one under %s)", self._reply_prefix)
             return
-        outcome = self._outcome(payload)
+        if request is None:
+            has_id, request_id = request_id_of(payload)
+            self._reply(reply_to, error_line(refusal, request_id, has_id))
+            return
+        outcome = self._outcome(request)
         if isinstance(outcome, bytes):
             self._reply(reply_to, outcome)
             return
@@ -216,16 +224,8 @@ class BrokerLink:
         self._in_flight.add(task)
         task.add_done_callback(lambda done: self._finished(done, reply_to))
 
-    def _outcome(self, payload: bytes) -> Any:
-        if len(payload) > self._max_request_bytes:
-            has_id, request_id = request_id_of(payload[:4096])
-            return error_line(TooLarge(f"request over the limit of {self._max_request_bytes} bytes"),
-                              request_id, has_id)
-        try:
-            request = parse_request(payload)
-        except AgentError as exc:
-            has_id, request_id = request_id_of(payload)
-            return error_line(exc, request_id, has_id)
+    def _outcome(self, request: Request) -> Any:
+        """The reply bytes now, or an awaitable for them: the dispatcher's, after the link's own refusals."""
         if not self._dispatcher.token_ok(request):
             return error_line(Unauthorized(WRONG_TOKEN), request.id, request.has_id)
         if self._closing:

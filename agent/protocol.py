@@ -216,6 +216,17 @@ def request_id_of(line: bytes) -> tuple:
     return False, None
 
 
+def reply_to_of(line: bytes) -> Optional[str]:
+    """Best effort: the ``reply_to`` of a line that failed to parse as a request (through a broker, the topic
+    its refusal goes to)."""
+    try:
+        obj = _decode(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    value = obj.get("reply_to") if isinstance(obj, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def _valid_id(value: Any) -> bool:
     if isinstance(value, float):
         return math.isfinite(value)

@@ -132,3 +132,15 @@ def test_the_agent_refuses_to_start_with_a_broker_without_its_mqtt_client(tmp_pa
     run = subprocess.run([sys.executable, "-c", hide, "--root", str(tmp_path), "--broker", "mqtt://127.0.0.1:1883",
                           "--device-id", "d"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "sudo apt install python3-paho-mqtt" in run.stderr, run.stderr
+
+
+async def test_a_bad_or_too_large_request_through_the_broker_gets_its_refusal(start_agent, broker):
+    await start_agent(broker=broker.plain_url, device_id="m2", max_line_bytes=1024)
+    reply_to = "pifleet/m2/reply/refusals"
+    async with Watcher(broker.plain_port) as watcher:
+        await watcher.client.subscribe(reply_to, qos=1)
+        await watcher.client.publish("pifleet/m2/req", json.dumps({"id": 1, "reply_to": reply_to}), qos=1)
+        await watcher.client.publish("pifleet/m2/req", json.dumps(
+            {"id": 2, "command": "ping", "reply_to": reply_to, "padding": "x" * 2000}), qos=1)
+        await watcher.latest(reply_to, lambda m: m["id"] == 2)
+    assert [(m["id"], m["code"]) for m in watcher.received[reply_to]] == [(1, "bad_request"), (2, "too_large")]
