@@ -1,12 +1,9 @@
-"""Devices reached through an MQTT broker: one connection per broker, shared by every device behind it.
+"""The controller's connection to an MQTT broker, shared by every device behind it (``broker_connection.py``).
 
-A ``BrokerConnection`` behaves like a ``DeviceConnection`` (``connect``,
-``request``, ``send_with_callback``, ``status``), so ``Fleet`` and everything
-built on it (send_all, rollouts, status, converge) work the same whatever the
-transport, and a fleet may mix both. Requests go to ``pifleet/ID/req`` naming
-this controller's reply topic; replies come back on it, matched by ``id``.
-Whether a device is online is the broker's to say: the retained status its
-agent publishes when it connects, and its last will when it goes.
+Requests go to ``pifleet/ID/req`` naming this controller's reply topic;
+replies come back on it, matched by ``id``. Whether a device is online is the
+broker's to say: the retained status its agent publishes when it connects,
+and its last will when it goes.
 
 When the session connects it subscribes to every device's status, then sends
 itself a message through the broker and waits for it to come back: the broker
@@ -26,19 +23,19 @@ import socket
 import ssl
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import contract
-from agent.protocol import address_request, decode_message, token_field
 
-from .deadlines import Deadlines
-from .errors import ConnectionLost, DeviceUnreachable
-from .inventory import BrokerRoute, Device
-from .pending import PendingReplies, ReplyCallback, Requester
+from .errors import DeviceUnreachable
+from .inventory import BrokerRoute
+
+if TYPE_CHECKING:
+    from .broker_connection import BrokerConnection
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +196,7 @@ class BrokerSession:
         """What each device last reported at the broker (its retained ``reported``: the release it applied, when,
         how it went), for those that have: what ``fleet status`` says of a device that is offline now."""
         await self.connect()
-        client = self._client
-        assert client is not None
+        client = self._live()
         topics = [contract.device_topic(d, contract.REPORTED_TOPIC) for d in device_ids]
         self._reports = {}
         try:
@@ -224,7 +220,6 @@ class BrokerSession:
             return
         if not isinstance(status, dict):
             return
-        status["seen_at"] = time.time()
         was = self.statuses.get(device_id, {}).get("online") is True
         self.statuses[device_id] = status
         device = self.devices.get(device_id)
@@ -267,11 +262,14 @@ class BrokerSession:
     def online(self, device_id: str) -> bool:
         return self.connected and self.statuses.get(device_id, {}).get("online") is True
 
+    def _live(self) -> aiomqtt.Client:
+        if self._client is None:
+            raise DeviceUnreachable("", self.last_error or f"not connected to the broker {self.route.url}")
+        return self._client
+
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> "asyncio.Future[None]":
         """Publish now (QoS 1); the future is done when the broker has acknowledged it (or failed, saying why)."""
-        client = self._client
-        if client is None:
-            raise DeviceUnreachable("", self.last_error or f"not connected to the broker {self.route.url}")
+        client = self._live()
         send = asyncio.ensure_future(client.publish(topic, payload, qos=1, retain=retain, timeout=ACK_TIMEOUT))
         self._sends.add(send)
         send.add_done_callback(self._sends.discard)
@@ -289,9 +287,7 @@ class BrokerSession:
         """A request: published at once by the MQTT client underneath, with no task to wait for its acknowledgement
         (its reply is what counts, and its time limit covers a loss). aiomqtt has no call for this; the
         paho client it wraps does (aiomqtt's acknowledgement bookkeeping ignores messages it did not send)."""
-        client = self._client
-        if client is None:
-            raise DeviceUnreachable("", self.last_error or f"not connected to the broker {self.route.url}")
+        client = self._live()
         seconds = max(1, math.ceil(expires))
         properties = self._expiry.get(seconds)
         if properties is None:
@@ -318,91 +314,3 @@ class BrokerSession:
                 pass
         if self._reader is not None:
             self._reader.cancel()
-
-
-class BrokerConnection(Requester):
-    """One device behind a broker, with the interface of ``DeviceConnection``."""
-
-    def __init__(self, device: Device, session: BrokerSession, *, request_timeout: float, deadlines: Deadlines,
-                 on_message: Optional[Callable[[str, Dict[str, Any]], None]] = None) -> None:
-        self.device = device
-        self.session = session
-        self.request_timeout = request_timeout
-        self.on_message = on_message
-        self.on_connected: Optional[Callable[[str], None]] = None
-        self._replies = PendingReplies(device.id, deadlines)
-        self._addressing = token_field(device.token) + b',"reply_to":' + json.dumps(
-            contract.reply_topic(device.id, session.name)).encode()
-        self._requests = contract.device_topic(device.id, contract.REQUEST_TOPIC)
-        self._closed = False
-        self.connected_at: Optional[float] = None
-        self.reconnects = 0
-        session.devices[device.id] = self
-
-    @property
-    def connected(self) -> bool:
-        return self.session.online(self.device.id)
-
-    async def connect(self) -> None:
-        try:
-            await self.session.connect()
-        except DeviceUnreachable as exc:
-            raise DeviceUnreachable(self.device.id, exc.message) from None
-        if not self.connected:
-            raise DeviceUnreachable(self.device.id, self._offline_reason())
-
-    def _offline_reason(self) -> str:
-        status = self.session.statuses.get(self.device.id)
-        if not self.session.connected:
-            return self.session.last_error or f"not connected to the broker {self.device.address}"
-        if status is None:
-            return (f"never seen at the broker {self.device.address} (is its pi-agent running with --broker and "
-                    f"--device-id {self.device.id}?)")
-        return f"offline at the broker {self.device.address} (its last will)"
-
-    def watch(self, on_connected: Callable[[str], None], retry_every: float) -> None:
-        """Call ``on_connected(device_id)`` each time the device comes online at the broker; keep the broker
-        connection up meanwhile."""
-        self.on_connected = on_connected
-        self.session.keep(retry_every)
-
-    def send_with_callback(self, body: bytes, command: str, callback: ReplyCallback,
-                           timeout: Optional[float] = None) -> None:
-        if not self.connected:
-            raise DeviceUnreachable(self.device.id, self._offline_reason())
-        limit = self.request_timeout if timeout is None else timeout
-        request_id = self._replies.expect(callback, command, limit)
-        try:
-            self.session.send_request(self._requests, address_request(body, request_id, self._addressing)[:-1], limit)
-        except DeviceUnreachable as exc:
-            self._replies.cancel(request_id)
-            raise DeviceUnreachable(self.device.id, exc.message) from None
-
-    def on_reply(self, payload: bytes) -> None:
-        try:
-            reply = decode_message(payload)
-        except ValueError:
-            log.warning("%s: a reply that is not a JSON object: %.40r", self.device.id, payload)
-            return
-        if not self._replies.settle(reply) and self.on_message is not None:
-            self.on_message(self.device.id, reply)
-
-    def on_online(self, online: bool, reason: str = "") -> None:
-        if online:
-            self.connected_at = time.time()
-            self.reconnects += 1
-            if self.on_connected is not None:
-                self.on_connected(self.device.id)
-            return
-        if self._replies:
-            self._replies.fail_all(ConnectionLost(self.device.id, f"{reason or 'went offline at the broker'} before "
-                                                  "it answered (it may or may not have run the request)"))
-
-    def status(self) -> Dict[str, Any]:
-        return {"device": self.device.id, "address": self.device.address, "connected": self.connected,
-                "connected_at": self.connected_at,
-                "last_error": None if self.connected else self._offline_reason(), "reconnects": self.reconnects}
-
-    async def close(self) -> None:
-        self._closed = True
-        self.session.devices.pop(self.device.id, None)

@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, List
 
 from .broker_config import DEFAULT_TLS_PORT, BrokerFiles, write_config
 from .ca import FleetCA
+from .ca_cli import add_ca_dir, ca_folder
 from .errors import ConfigError
 from .text import lines
 
@@ -17,8 +18,7 @@ Emit = Callable[[Dict[str, Any], str], None]
 
 def add_commands(sub: Any, make: Any, parents: List[argparse.ArgumentParser]) -> None:
     broker = make(sub, "broker")
-    broker.add_argument("--ca-dir", default=None, metavar="DIR",
-                        help="the fleet CA's folder (default: ca/ beside the state file, .pifleet/ca/)")
+    add_ca_dir(broker)
     actions = broker.add_subparsers(dest="action", metavar="ACTION", required=True)
     config = actions.add_parser(
         "config", parents=parents, help="write mosquitto.conf and its access list",
@@ -49,7 +49,7 @@ def add_commands(sub: Any, make: Any, parents: List[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace, emit: Emit) -> int:
-    ca = FleetCA(Path(args.ca_dir) if args.ca_dir else args.state_file.parent / "ca")
+    ca = FleetCA(ca_folder(args))
     if not ca.exists:
         raise ConfigError(f"no fleet CA in {ca.folder}: `fleet ca init` first (or give --ca-dir)")
     cert = Path(args.cert).resolve()

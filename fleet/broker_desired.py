@@ -44,9 +44,9 @@ async def leave_desired(fleet: Fleet, store: StateStore, ids: Sequence[str]) -> 
     if problems:
         log.warning("the broker did not take the desired release of %d device(s) (%s): connecting again",
                     len(problems), next(iter(problems.values())))
-        for session in {fleet.broker_session(d) for d in problems}:
+        for session in {s for s in map(fleet.broker_session, problems) if s is not None}:
             try:
-                await session.reconnect()  # type: ignore[union-attr]
+                await session.reconnect()
             except DeviceError:
                 pass
         problems = await _publish(fleet, {d: targets[d] for d in problems})

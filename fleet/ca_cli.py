@@ -19,8 +19,7 @@ Emit = Callable[[Dict[str, Any], str], None]
 def add_commands(sub: Any, make: Any, parents: List[argparse.ArgumentParser]) -> None:
     """``fleet ca ACTION``: ``make(sub, name)`` builds the subcommand, ``parents`` are the common options."""
     ca = make(sub, "ca")
-    ca.add_argument("--ca-dir", default=None, metavar="DIR",
-                    help="the CA's folder (default: ca/ beside the state file, .pifleet/ca/)")
+    add_ca_dir(ca)
     actions = ca.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     def action(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
@@ -50,8 +49,18 @@ def add_commands(sub: Any, make: Any, parents: List[argparse.ArgumentParser]) ->
     action("list", "what this CA issued: names, kinds, serials, expiry, revoked or not", "fleet ca list")
 
 
+def add_ca_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ca-dir", default=None, metavar="DIR",
+                        help="the fleet CA's folder (default: ca/ beside the state file, .pifleet/ca/)")
+
+
+def ca_folder(args: argparse.Namespace) -> Path:
+    """``--ca-dir``, or ``ca/`` beside the state file."""
+    return Path(args.ca_dir) if args.ca_dir else args.state_file.parent / "ca"
+
+
 def run(args: argparse.Namespace, emit: Emit) -> int:
-    folder = Path(args.ca_dir) if args.ca_dir else args.state_file.parent / "ca"
+    folder = ca_folder(args)
     ca = FleetCA(folder)
     if args.action == "init":
         ca.init(days=args.days)

@@ -32,7 +32,8 @@ from .inventory import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_TOKEN_E
 from .results import DeviceResult, Status
 
 if TYPE_CHECKING:
-    from .broker import BrokerConnection, BrokerSession
+    from .broker import BrokerSession
+    from .broker_connection import BrokerConnection
 
 Connection = Union[DeviceConnection, "BrokerConnection"]
 
@@ -103,7 +104,8 @@ class Fleet:
 
     def _through_broker(self, device: Device) -> "BrokerConnection":
         """A device behind NAT: reached through its broker's session, one per broker for the whole fleet."""
-        from .broker import BrokerConnection, BrokerSession  # aiomqtt is imported only by fleets that use it
+        from .broker import BrokerSession  # aiomqtt is imported only by fleets that use it
+        from .broker_connection import BrokerConnection
 
         assert device.broker is not None
         session = self._brokers.get(device.broker)

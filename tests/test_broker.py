@@ -119,3 +119,4 @@ async def test_a_watched_device_is_seen_coming_back_after_the_broker_restarts(st
         await wait_until(lambda: len(came_online) >= 2 and fleet.connected("m5"), timeout=30,
                          what="m5 online again, as the broker tells the watching controller")
         assert (await fleet.send("m5", {"command": "ping"}))["message"] == "pong"
+        assert fleet.connection_status()["m5"]["reconnects"] == len(came_online) - 1  # the first is no reconnection
