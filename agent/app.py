@@ -166,8 +166,10 @@ class Agent:
         return {f"{name}.py": modules[name].sha256 for name in sorted(modules)}
 
     def _birth(self) -> Dict[str, Any]:
-        """What the broker's retained status says of this agent while it is online."""
-        return {"agent_version": __version__, "started_at": self.started_at, "handlers": self._running_files()}
+        """What the broker's retained status says of this agent while it is online. What it runs is not here, where
+        the next push would leave it stale: the agent reports it each time it compares itself with its desired
+        release (``agent/desired.py``), and ``get_status`` says it live."""
+        return {"agent_version": __version__, "started_at": self.started_at}
 
     def _tls_context(self) -> "Optional[ssl.SSLContext]":
         if self.config.tls is None:

@@ -149,7 +149,7 @@ class BrokerLink:
             return
         self.last_error = None
         self._client.subscribe([(self._topic(contract.REQUEST_TOPIC), 1), (self._topic(contract.DESIRED_TOPIC), 1)])
-        birth = self.announce()
+        birth = self._announce()
         self._loop.run_in_executor(None, _wait_published, birth).add_done_callback(lambda _: self._online())
 
     def _online(self) -> None:
@@ -158,8 +158,8 @@ class BrokerLink:
         self.connected.set()
         log.info("connected to the broker %s as %s", self.url, self.device_id)
 
-    def announce(self) -> Any:
-        """Publish the retained birth message: online, and what this agent runs (called again after changes)."""
+    def _announce(self) -> Any:
+        """Publish the retained birth message: online, this agent's version and start."""
         birth = {"online": True, "device_id": self.device_id, **self._birth()}
         return self._client.publish(self._topic(contract.STATUS_TOPIC), json.dumps(birth), qos=1, retain=True)
 

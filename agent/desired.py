@@ -130,5 +130,3 @@ class DesiredState:
     def _report(self, desired: Dict[str, Any], outcome: Dict[str, Any]) -> None:
         report = {"release": desired.get("release"), "files": self._running(), "at": time.time(), **outcome}
         self._link.publish(contract.REPORTED_TOPIC, json.dumps(report).encode(), retain=True)
-        if outcome.get("changed"):
-            self._link.announce()  # the birth message names the files it runs: bring it up to date

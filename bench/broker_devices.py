@@ -67,7 +67,7 @@ async def device(device_id: str, port: int, gate: asyncio.Semaphore, online: asy
         await client.subscribe([(contract.device_topic(device_id, contract.REQUEST_TOPIC), 1),
                                 (contract.device_topic(device_id, contract.DESIRED_TOPIC), 1)])
         await client.publish(status, json.dumps({"online": True, "device_id": device_id, "agent_version": "sim",
-                                                 "handlers": {}}), qos=1, retain=True)
+                                                 "started_at": time.time()}), qos=1, retain=True)
     online.set()
     await stop.wait()
 

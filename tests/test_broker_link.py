@@ -9,6 +9,7 @@ import uuid
 import aiomqtt
 import pytest
 
+from agent import __version__
 from agent.config import AgentConfig, ConfigError
 from agent.contract import listening_address
 from conftest import REPO, until_online, wait_until
@@ -53,7 +54,7 @@ async def test_an_agent_serves_requests_through_the_broker_and_says_when_it_is_o
     async with Watcher(broker.plain_port) as watcher:
         await watcher.client.subscribe("pifleet/m0/#", qos=1)
         status = await watcher.latest("pifleet/m0/status", lambda m: m["online"])
-        assert status["handlers"] == {"hello.py": agent.registry.modules["hello"].sha256}
+        assert (status["agent_version"], status["started_at"]) == (__version__, agent.started_at)
         reply_to = "pifleet/m0/reply/test"
         await watcher.client.publish("pifleet/m0/req", json.dumps(
             {"command": "hello", "name": "broker", "id": 7, "reply_to": reply_to}), qos=1)
