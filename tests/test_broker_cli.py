@@ -1,12 +1,14 @@
 """The whole path over the command line: a fleet CA, a broker configured from it, a mixed fleet deployed to."""
 
+import asyncio
 import json
 import shutil
-import time
 from pathlib import Path
 
-from conftest import sha
+from conftest import sha, until_online
+from fleet import Fleet
 from fleet.cli import main
+from fleet.inventory import load_inventory
 from mosquitto import Mosquitto, free_port
 
 V1 = "VERSION = 1\n\ndef handle_version(data):\n    return {'version': VERSION}\n"
@@ -43,7 +45,7 @@ def test_a_broker_configured_by_fleet_carries_a_tls_device_beside_a_tcp_one(tmp_
             {"id": "lan0", "host": "127.0.0.1", "port": lan.device.port},
             {"id": "nat0", "transport": "mqtt", "broker": f"mqtts://127.0.0.1:{tls_port}",
              "ca": laptop["ca"], "cert": laptop["cert"], "key": laptop["key"]}]}))
-        wait_online(capsys, devices, "nat0")
+        wait_online(devices, "nat0")
         (tmp_path / "ver.py").write_text(V1)
         code, report = fleet(capsys, "-d", str(devices), "deploy", str(tmp_path / "ver.py"), "--batch", "1")
         assert code == 0, report
@@ -55,11 +57,11 @@ def test_a_broker_configured_by_fleet_carries_a_tls_device_beside_a_tcp_one(tmp_
         broker.stop()
 
 
-def wait_online(capsys, devices, device_id, limit=20.0):
-    """Until the device answers a ping through the broker (its agent connects to it in the background)."""
-    deadline = time.monotonic() + limit
-    while True:
-        code, answer = fleet(capsys, "-d", str(devices), "send", device_id, "ping")
-        if code == 0 or time.monotonic() > deadline:
-            assert code == 0, answer
-            return
+def wait_online(devices, device_id):
+    """Until the broker says the device is online (its agent connects to it in the background)."""
+    async def online():
+        inventory = load_inventory(devices)
+        async with Fleet([inventory.get(device_id)]) as fleet:
+            return await until_online(fleet, device_id)
+
+    assert asyncio.run(online())["success"] is True
