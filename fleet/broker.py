@@ -26,6 +26,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import aiomqtt
+import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -295,7 +296,8 @@ class BrokerSession:
             properties.MessageExpiryInterval = seconds
         info = client._client.publish(topic, payload, qos=1, properties=properties)
         if info.rc != 0:
-            raise DeviceUnreachable("", f"the broker {self.route.url} did not take the request (paho code {info.rc})")
+            raise DeviceUnreachable("", f"the request could not be sent to the broker {self.route.url}: "
+                                        f"{paho.error_string(info.rc)} (the next attempt reconnects)")
 
     async def flush(self) -> None:
         """Wait until the broker has acknowledged everything published so far (or the time limit passes)."""
